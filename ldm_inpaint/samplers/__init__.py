@@ -1,0 +1,45 @@
+"""Samplers: pure functions over a :data:`~ldm_inpaint.denoiser.Denoiser`, one common signature, one registry.
+
+A new sampler is a new module with a function of the :class:`Sampler` signature and one entry in
+:data:`SAMPLERS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from ldm_inpaint.denoiser import Denoiser
+from ldm_inpaint.samplers.ddim import ddim
+from ldm_inpaint.samplers.plms import plms
+
+
+class Sampler(Protocol):
+    """``sampler(denoiser, x_T, alphas_cumprod, steps, *, eta, generator, callback) -> x_0``.
+
+    ``alphas_cumprod`` is the float64 schedule of :func:`ldm_inpaint.schedule.alphas_cumprod`; ``eta`` scales
+    the injected noise (samplers that have none require 0); ``generator`` draws that noise;
+    ``callback(step_index, total_steps)`` runs after each step. Nothing given is mutated.
+    """
+
+    def __call__(
+        self,
+        denoiser: Denoiser,
+        x: Tensor,
+        alphas_cumprod: Tensor,
+        steps: int,
+        *,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> Tensor: ...
+
+
+SAMPLERS: dict[str, Sampler] = {"ddim": ddim, "plms": plms}
+# Samplers that inject no noise and therefore take only eta = 0.
+NOISE_FREE: frozenset[str] = frozenset({"plms"})
+
+__all__ = ["NOISE_FREE", "SAMPLERS", "Sampler", "ddim", "plms"]
