@@ -1,0 +1,363 @@
+"""Image files in and out: the only module of the package that touches PIL and file paths for images.
+
+User files -> tensors: :func:`load_image` opens a file, :func:`image_to_tensor` gives ``(1, 3, H, W)`` in
+[-1, 1] and :func:`mask_to_tensor` gives ``(1, 1, H, W)`` with values 0 or 1 (white = repaint), as the
+original inpainting scripts prepare them (``scripts/inpaint.py``, ``scripts/gradio/inpainting.py``).
+:func:`pad_to_multiple` / :func:`crop` let any image size through the VAE's factor-8 downsampling.
+
+Tensors -> files: :func:`tensor_to_pil`, then :func:`save_png` / :func:`save_npy`, which number their files
+``<stem>-NNNNN`` and never overwrite one, with the generation settings as PNG text chunks
+(:func:`read_png_metadata` reads them back).
+
+Batch input: :func:`find_pairs` reads a folder of ``X.png`` + ``X_mask.png`` pairs, or a text file listing
+pairs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from PIL.PngImagePlugin import PngInfo
+from torch import Tensor
+
+from ldm_inpaint.errors import LdmInpaintError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+MASK_SUFFIX = "_mask"
+
+# Grayscale modes read on a 16-bit scale (white = 65535). "I" (32-bit integers) is included: Pillow uses it
+# for many 16-bit files.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Modes whose pixels are read as they are; every other mode is first converted (see `_without_alpha`).
+_DIRECT_MODES = ("1", "L", "F", "RGB", *SIXTEEN_BIT_MODES)
+# What Pillow raises for a file it cannot decode: unidentified (an OSError), truncated, corrupt chunks, bombs.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+class ImageError(LdmInpaintError):
+    """An image, mask or batch list that cannot be used: missing, unreadable, or of mismatched size."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Read an image file fully into memory (no file handle left open), upright as its EXIF orientation says.
+
+    For a multi-frame file (GIF, APNG, multi-page TIFF) this is the first frame.
+    """
+    path = Path(path)
+    image = _read(path)
+    try:
+        return ImageOps.exif_transpose(image)
+    except _DECODE_ERRORS as exc:
+        raise ImageError(f"expected readable EXIF data, found damaged EXIF data in {path} ({exc})") from exc
+
+
+def _read(path: Path) -> Image.Image:
+    """The decoded image file as stored (format and PNG text chunks kept), its file closed."""
+    if path.is_dir():
+        raise ImageError(f"expected an image file, found a folder: {path}")
+    if not path.exists():
+        raise ImageError(f"expected an image file, found nothing at {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Image.UnidentifiedImageError as exc:
+        raise ImageError(
+            f"expected an image file ({', '.join(IMAGE_EXTENSIONS)}, ...), found a file that Pillow cannot "
+            f"identify as an image: {path}"
+        ) from exc
+    except _DECODE_ERRORS as exc:
+        raise ImageError(
+            f"expected a complete image file, found a damaged or truncated one: {path} ({exc})"
+        ) from exc
+    return image
+
+
+def _without_alpha(image: Image.Image) -> Image.Image:
+    """The image in one of `_DIRECT_MODES`: alpha dropped, palettes and other color spaces converted to RGB.
+
+    Dropping alpha keeps the color channels as they are (no compositing onto a background), so a fully
+    transparent pixel counts with whatever color it stores. A palette's transparency entry only sets alpha,
+    which is then dropped.
+    """
+    if image.mode in _DIRECT_MODES:
+        return image
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    try:
+        return image.convert("RGB")
+    except ValueError as exc:
+        raise ImageError(
+            f"expected an image whose mode Pillow converts to RGB, found mode {image.mode!r} "
+            f"(supported: {', '.join(_DIRECT_MODES)}, LA, RGBA, P, PA, CMYK, YCbCr, ...)"
+        ) from exc
+
+
+def _pixels(image: Image.Image) -> tuple[np.ndarray, float]:
+    """Pixel values as float32, (H, W) for grayscale or (H, W, 3) for color, and the value that means white.
+
+    8-bit modes: white = 255. 16-bit modes: white = 65535, read at full precision (Pillow's ``convert("L")``
+    would clip them at 255 instead of scaling). ``1``: white = 1. ``F``: Pillow's own 0..255 scale, the one
+    ``convert("F")`` gives an 8-bit image. Values outside [0, white] are clipped.
+    """
+    image = _without_alpha(image)
+    if image.mode in SIXTEEN_BIT_MODES:
+        white = 65535.0
+    elif image.mode == "1":
+        white = 1.0
+    else:
+        white = 255.0
+    return np.clip(np.asarray(image).astype(np.float32), 0.0, white), white
+
+
+def image_to_tensor(image: Image.Image) -> Tensor:
+    """The image as a (1, 3, H, W) float32 tensor in [-1, 1]: ``x / 127.5 - 1`` for 8-bit pixels.
+
+    Alpha is dropped (see `_without_alpha`); grayscale is repeated over the three channels.
+    """
+    pixels, white = _pixels(image)
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[:, :, None], 3, axis=2)  # (H, W) -> (H, W, 3)
+    x = torch.from_numpy(pixels / (white / 2) - 1)
+    return x.permute(2, 0, 1)[None].contiguous()  # (H, W, 3) -> (1, 3, H, W)
+
+
+def mask_to_tensor(mask: Image.Image) -> Tensor:
+    """The mask as a (1, 1, H, W) float32 tensor of exact 0s and 1s, where 1 (white) marks pixels to repaint.
+
+    As in the original scripts: grayscale luminance in [0, 1] (Pillow's ITU-R 601-2 luma for color masks),
+    then ``>= 0.5 -> 1`` and ``< 0.5 -> 0`` (so 8-bit 127 -> 0 and 128 -> 1). The alpha of an RGBA / LA mask
+    is ignored: only the luminance of its color channels counts.
+    """
+    gray = _without_alpha(mask)
+    if gray.mode == "RGB":
+        gray = gray.convert("L")
+    pixels, white = _pixels(gray)
+    repaint = pixels >= white / 2  # the same as pixels / white >= 0.5, without rounding
+    return torch.from_numpy(repaint.astype(np.float32))[None, None]  # (H, W) -> (1, 1, H, W)
+
+
+def resize_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The mask resized to ``size = (width, height)`` with nearest-neighbour sampling (no new gray levels)."""
+    return mask.resize(size, Image.Resampling.NEAREST)
+
+
+def check_same_size(image: Image.Image, mask: Image.Image) -> None:
+    """Raise :class:`ImageError` unless the image and the mask have the same width and height."""
+    if image.size != mask.size:
+        raise ImageError(
+            f"expected a mask of the image's size {image.width}x{image.height} (width x height), found "
+            f"{mask.width}x{mask.height}; pass --resize-mask to resize the mask to the image "
+            "(nearest-neighbour)"
+        )
+
+
+def pad_to_multiple(x: Tensor, multiple: int = 8) -> tuple[Tensor, tuple[int, int]]:
+    """Pad the bottom and right of a (b, c, H, W) tensor, repeating its last row / column, so that H and W are
+    multiples of ``multiple``. Returns the padded tensor and the original (H, W), for :func:`crop`."""
+    if x.ndim != 4:
+        raise ValueError(f"expected a (b, c, H, W) tensor, found shape {tuple(x.shape)}")
+    if multiple < 1:
+        raise ValueError(f"expected a multiple >= 1, found {multiple}")
+    height, width = x.shape[-2:]
+    # (b, c, H, W) -> (b, c, H + pad_h, W + pad_w)
+    padded = F.pad(x, (0, -width % multiple, 0, -height % multiple), mode="replicate")
+    return padded, (height, width)
+
+
+def crop(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Undo :func:`pad_to_multiple`: keep the top-left ``size = (H, W)`` of a (..., H', W') tensor."""
+    height, width = size
+    return x[..., :height, :width]
+
+
+def tensor_to_pil(x: Tensor) -> list[Image.Image]:
+    """8-bit RGB images from a (b, 3, H, W) tensor in [-1, 1].
+
+    Values are clamped to [-1, 1], mapped to [0, 255] by ``(x + 1) * 127.5`` and rounded to nearest, halves
+    up (``floor(v + 0.5)``). The original scripts truncate instead (``astype(np.uint8)``); rounding makes
+    :func:`image_to_tensor` followed by this function give back the same 8-bit pixels.
+    """
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected a (b, 3, H, W) tensor, found shape {tuple(x.shape)}")
+    pixels = torch.floor((x.detach().float().clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8)
+    arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()  # (b, 3, H, W) -> (b, H, W, 3)
+    return [Image.fromarray(array) for array in arrays]
+
+
+def _count_existing(outdir: Path, stem: str) -> int:
+    """How many ``<stem>-NNNNN.png`` files ``outdir`` holds: the first number :func:`save_png` tries."""
+    pattern = re.compile(rf"{re.escape(stem)}-\d{{5,}}\.png")
+    return sum(1 for path in outdir.iterdir() if pattern.fullmatch(path.name))
+
+
+def _write_new(path: Path, write: Callable[[BinaryIO], None]) -> bool:
+    """Create ``path`` (exclusive mode: never an existing file) and fill it with ``write``.
+
+    Returns False, touching nothing, if the file already exists; removes the partial file if ``write`` fails.
+    """
+    try:
+        file = path.open("xb")
+    except FileExistsError:
+        return False
+    try:
+        with file:
+            write(file)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return True
+
+
+def save_png(image: Image.Image, outdir: str | Path, stem: str, metadata: Mapping[str, str]) -> Path:
+    """Write ``outdir/<stem>-NNNNN.png`` with the next free number and return its path.
+
+    Numbering starts at the count of existing ``<stem>-NNNNN.png`` files and moves on past every number that
+    is taken, as a PNG or as a latent ``.npy``. The file is created in exclusive mode, so a file created by
+    another process between the listing and the writing is skipped too, never overwritten. Every metadata
+    item becomes a PNG text chunk (tEXt, or iTXt for text outside Latin-1). ``outdir`` is created if missing.
+    """
+    if not stem or Path(stem).name != stem:
+        raise ValueError(f"expected a file name stem without folders, found {stem!r}")
+    info = PngInfo()
+    for key, value in metadata.items():
+        if not 1 <= len(key) <= 79:
+            raise ValueError(f"expected PNG text keys of 1 to 79 characters, found {len(key)}: {key!r}")
+        info.add_text(key, value)
+    outdir = Path(outdir)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ImageError(f"expected an output folder at {outdir}, could not create one ({exc})") from exc
+    number = _count_existing(outdir, stem)
+    while True:
+        path = outdir / f"{stem}-{number:05d}.png"
+        if not path.with_suffix(".npy").exists() and _write_new(
+            path, lambda file: image.save(file, format="PNG", pnginfo=info)
+        ):
+            return path
+        number += 1
+
+
+def save_npy(array: Tensor | np.ndarray, png_path: str | Path) -> Path:
+    """Write ``array`` as float32 to the ``.npy`` file named like ``png_path``, beside it; return its path.
+
+    Use it right after :func:`save_png`, which has claimed the number. An existing file is never overwritten.
+    """
+    if isinstance(array, Tensor):
+        array = array.detach().cpu().float().numpy()
+    values = np.asarray(array, dtype=np.float32)
+    png_path = Path(png_path)
+    path = png_path.with_suffix(".npy")
+    if not _write_new(path, lambda file: np.save(file, values, allow_pickle=False)):
+        raise ImageError(
+            f"expected no file at {path} (the latent of {png_path.name}), found one; not overwriting it"
+        )
+    return path
+
+
+def read_png_metadata(path: str | Path) -> dict[str, str]:
+    """The text chunks (tEXt, zTXt, iTXt) of a PNG file, as :func:`save_png` wrote them."""
+    path = Path(path)
+    image = _read(path)
+    if image.format != "PNG":
+        raise ImageError(f"expected a PNG file, found a {image.format} file: {path}")
+    return dict(image.text)
+
+
+def find_pairs(source: str | Path) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """The (image, mask) pairs of a batch and the problems found, one sentence per problem.
+
+    ``source`` is either a folder, where every image ``X.<ext>`` pairs with ``X_mask.<ext>`` (any of
+    :data:`IMAGE_EXTENSIONS`, case-insensitive; other files and hidden files are ignored), or a text file with
+    one ``image_path mask_path`` pair per line (see `_pairs_in_list`). An image without its mask, a mask
+    without its image and a malformed line are problems, not exceptions, so that all of them can be reported
+    at once. Folder pairs are sorted by name; list pairs keep the order of the list.
+    """
+    source = Path(source)
+    if source.is_dir():
+        return _pairs_in_folder(source)
+    if source.is_file():
+        return _pairs_in_list(source)
+    raise ImageError(
+        f"expected a folder of image/mask pairs or a text file listing them, found nothing at {source}"
+    )
+
+
+def _pairs_in_folder(folder: Path) -> tuple[list[tuple[Path, Path]], list[str]]:
+    images: dict[str, list[Path]] = defaultdict(list)
+    masks: dict[str, list[Path]] = defaultdict(list)
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
+            if path.stem.endswith(MASK_SUFFIX):
+                masks[path.stem.removesuffix(MASK_SUFFIX)].append(path)
+            else:
+                images[path.stem].append(path)
+    if not images and not masks:
+        return [], [
+            f"{folder}: no image files found (expected X.png with X{MASK_SUFFIX}.png, or other extensions: "
+            f"{', '.join(IMAGE_EXTENSIONS)})"
+        ]
+    pairs: list[tuple[Path, Path]] = []
+    problems: list[str] = []
+    for name in sorted(images.keys() | masks.keys()):
+        found_images, found_masks = images[name], masks[name]
+        if not found_masks:
+            problems += [
+                f"{path}: no mask found (expected {name}{MASK_SUFFIX}.<ext> beside it)"
+                for path in found_images
+            ]
+        elif not found_images:
+            problems += [f"{path}: no image found (expected {name}.<ext> beside it)" for path in found_masks]
+        elif len(found_images) > 1 or len(found_masks) > 1:
+            names = ", ".join(path.name for path in found_images + found_masks)
+            problems.append(f"{folder}: expected one image and one mask named {name!r}, found {names}")
+        else:
+            pairs.append((found_images[0], found_masks[0]))
+    return pairs, problems
+
+
+def _pairs_in_list(list_file: Path) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """Pairs from a text file: one ``image_path mask_path`` per line, separated by whitespace, or by a tab
+    when a path contains spaces. Relative paths start from the list file's folder. Blank lines and lines
+    starting with ``#`` are skipped. A line with other than two fields, or naming a missing file, is a
+    problem."""
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ImageError(
+            f"expected a folder or a UTF-8 text file listing 'image_path mask_path' pairs, could not read "
+            f"{list_file} as text ({exc})"
+        ) from exc
+    pairs: list[tuple[Path, Path]] = []
+    problems: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = [field.strip() for field in line.split("\t")] if "\t" in line else line.split()
+        fields = [field for field in fields if field]
+        if len(fields) != 2:
+            problems.append(
+                f"{list_file} line {number}: expected 'image_path mask_path', "
+                f"found {len(fields)} fields: {line!r}"
+            )
+            continue
+        image, mask = (list_file.parent / field for field in fields)
+        missing = [str(path) for path in (image, mask) if not path.is_file()]
+        if missing:
+            problems.append(
+                f"{list_file} line {number}: expected existing files, found none at {', '.join(missing)}"
+            )
+            continue
+        pairs.append((image, mask))
+    if not pairs and not problems:
+        problems.append(f"{list_file}: expected at least one 'image_path mask_path' line, found none")
+    return pairs, problems
