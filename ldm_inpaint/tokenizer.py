@@ -1,0 +1,59 @@
+"""Prompts -> CLIP token ids, the input of both text encoders.
+
+Both encoders use CLIP's byte-level BPE (Radford et al., "Learning Transferable Visual Models From Natural
+Language Supervision", 2021) with the same 49,408-entry vocabulary; this module uses open_clip's
+implementation and the vocabulary file shipped inside the open_clip package, so nothing is downloaded. A
+prompt becomes ``<start_of_text> BPE tokens <end_of_text>``, cut to ``context_length`` with the end token kept
+last, then padded.
+The two originals differ only in the padding token:
+
+- SD1 (``FrozenCLIPEmbedder``, transformers' ``CLIPTokenizer`` with ``padding="max_length"``) pads with the
+  end-of-text token 49407;
+- SD2 (``FrozenOpenCLIPEmbedder``, ``open_clip.tokenize``) pads with 0.
+
+The causal attention of the encoders makes the padding invisible to every position up to the end token, but
+positions after it (which the UNet attends to) depend on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Token ids of a batch of prompts and, per prompt, how many BPE tokens were cut to fit the context."""
+
+    ids: Tensor  # (b, context_length) int64
+    truncated: list[int]
+
+
+@cache
+def _bpe() -> SimpleTokenizer:
+    """open_clip's tokenizer (ftfy-fixed, whitespace-normalised, lower-cased text), built on first use."""
+    return SimpleTokenizer()
+
+
+def encode(prompt: str) -> list[int]:
+    """The full, uncut token sequence of one prompt: start token, BPE ids, end token."""
+    bpe = _bpe()
+    return [bpe.sot_token_id, *bpe.encode(prompt), bpe.eot_token_id]
+
+
+def tokenize(prompts: list[str], pad_token: int, context_length: int = 77) -> Tokens:
+    """Token ids (b, context_length): each prompt encoded, cut to ``context_length`` keeping the end token
+    last, and padded with ``pad_token`` (SD1: 49407, SD2: 0)."""
+    ids = torch.full((len(prompts), context_length), pad_token, dtype=torch.long)
+    truncated = []
+    for row, prompt in enumerate(prompts):
+        tokens = encode(prompt)
+        truncated.append(max(0, len(tokens) - context_length))
+        if len(tokens) > context_length:
+            tokens = [*tokens[: context_length - 1], tokens[-1]]
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+    return Tokens(ids=ids, truncated=truncated)
