@@ -1,0 +1,126 @@
+"""AutoencoderKL: key layout against the real checkpoints' manifests, numerical parity with diffusers'
+``AutoencoderKL`` on random weights in the original layout (converted by diffusers' own single-file code),
+and the posterior's statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_vae_checkpoint,
+    create_vae_diffusers_config_from_ldm,
+)
+from omegaconf import OmegaConf
+
+from ldm_inpaint.config import load_config
+from ldm_inpaint.errors import ConfigError
+from ldm_inpaint.models.autoencoder import AutoencoderKL, DiagonalGaussian
+from ldm_inpaint.random_weights import random_state_dict
+
+from .conftest import FULL_CONFIGS, MANIFESTS, TINY_CONFIGS
+from .parity import assert_parity
+
+PREFIX = "first_stage_model."
+# The v1 and v2 VAEs share one architecture: different weights make the second parity test add evidence.
+SEEDS = {"v1": 0, "v2": 1}
+
+
+def build_pair(config_path: Path, seed: int) -> tuple[AutoencoderKL, DiffusersAutoencoderKL]:
+    """Ours and diffusers' VAE holding the same random weights, drawn in the original checkpoint layout."""
+    with torch.device("meta"):
+        ours = AutoencoderKL(load_config(config_path).autoencoder)
+    checkpoint = random_state_dict(((PREFIX + key, t.shape) for key, t in ours.state_dict().items()), seed)
+    ours.load_state_dict(
+        {key.removeprefix(PREFIX): t for key, t in checkpoint.items()}, strict=True, assign=True
+    )
+    original_config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    diffusers_config = create_vae_diffusers_config_from_ldm(original_config, checkpoint)
+    theirs = DiffusersAutoencoderKL(**diffusers_config)
+    theirs.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, diffusers_config), strict=True)
+    return ours.eval(), theirs.eval()
+
+
+def parity_outputs(
+    config_path: Path, height: int, width: int, seed: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(ours, diffusers) for the posterior mean and log-variance of a batch of images and the decoding of a
+    batch of latents; non-square, so that a height/width mix-up shows."""
+    ours, theirs = build_pair(config_path, seed)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, height, width, generator=generator) * 2 - 1
+    f = ours.downscale_factor
+    z = torch.randn(2, ours.params.embed_dim, height // f, width // f, generator=generator)
+    with torch.no_grad():
+        posterior, reference = ours.encode(x), theirs.encode(x).latent_dist
+        return {
+            "mean": (posterior.mean, reference.mean),
+            "logvar": (posterior.logvar, reference.logvar),
+            "decode": (ours.decode(z), theirs.decode(z).sample),
+        }
+
+
+def check_parity(config_path: Path, height: int, width: int, seed: int) -> None:
+    for actual, expected in parity_outputs(config_path, height, width, seed).values():
+        assert_parity(actual, expected)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_key_layout_matches_checkpoint_manifest(version: str) -> None:
+    with torch.device("meta"):
+        model = AutoencoderKL(load_config(FULL_CONFIGS[version]).autoencoder)
+    manifest = json.loads(MANIFESTS[version].read_text())
+    expected = [(key, shape) for key, (shape, _) in manifest.items() if key.startswith(PREFIX)]
+    assert len(expected) == 248
+    assert [(PREFIX + key, list(t.shape)) for key, t in model.state_dict().items()] == expected
+    assert list(model.buffers()) == []
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_parity_with_diffusers_tiny(version: str) -> None:
+    check_parity(TINY_CONFIGS[version], height=32, width=48, seed=SEEDS[version])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_parity_with_diffusers_full(version: str) -> None:
+    check_parity(FULL_CONFIGS[version], height=256, width=192, seed=SEEDS[version])
+
+
+def test_encode_rejects_sizes_that_do_not_downscale() -> None:
+    model = AutoencoderKL(load_config(TINY_CONFIGS["v1"]).autoencoder)
+    with pytest.raises(ValueError, match=r"multiples of 8 .* found 64x60"):
+        model.encode(torch.zeros(1, 3, 64, 60))
+    with pytest.raises(ValueError, match=r"\(batch, 3, H, W\), found \(1, 4, 64, 64\)"):
+        model.encode(torch.zeros(1, 4, 64, 64))
+
+
+def test_single_moment_autoencoder_is_rejected() -> None:
+    params = replace(load_config(TINY_CONFIGS["v1"]).autoencoder, double_z=False)
+    with pytest.raises(ConfigError, match="double_z"):
+        AutoencoderKL(params)
+
+
+def test_diagonal_gaussian() -> None:
+    mean = torch.linspace(-3, 3, 256).expand(2, 4, 256, 256)
+    logvar = torch.full_like(mean, math.log(0.25))
+    posterior = DiagonalGaussian(torch.cat([mean, logvar], dim=1))
+    assert torch.equal(posterior.mode(), mean)
+    assert torch.allclose(posterior.std, torch.full_like(mean, 0.5))
+
+    sample = posterior.sample(torch.Generator().manual_seed(7))
+    assert torch.equal(sample, posterior.sample(torch.Generator().manual_seed(7)))
+    assert not torch.equal(sample, posterior.sample(torch.Generator().manual_seed(8)))
+    noise = (sample - mean) / 0.5
+    count = noise.numel()
+    assert abs(noise.mean().item()) < 5 / math.sqrt(count)
+    assert abs(noise.std().item() - 1) < 5 / math.sqrt(2 * count)
+
+    out_of_range = torch.tensor([-100.0, -30.5, 19.5, 100.0]).view(1, 4, 1, 1)
+    clamped = DiagonalGaussian(torch.cat([torch.zeros(1, 4, 1, 1), out_of_range], dim=1)).logvar
+    assert clamped.flatten().tolist() == [-30.0, -30.0, 19.5, 20.0]
