@@ -54,7 +54,13 @@ class ModelConfig:
 # Text encoder presets, keyed by the ``version`` / ``arch`` the original embedder classes take.
 TEXT_ENCODER_PRESETS: dict[str, TextEncoderParams] = {
     "openai/clip-vit-large-patch14": TextEncoderParams(
-        layout="openai", width=768, layers=12, heads=12, activation="quick_gelu", layer="last", pad_token=49407
+        layout="openai",
+        width=768,
+        layers=12,
+        heads=12,
+        activation="quick_gelu",
+        layer="last",
+        pad_token=49407,
     ),
     "ViT-H-14": TextEncoderParams(
         layout="openclip",
@@ -123,7 +129,9 @@ def _check_keys(section: str, params: Mapping[str, Any], used: set[str]) -> None
 
 def _require(section: str, params: Mapping[str, Any], key: str) -> Any:
     if key not in params:
-        raise ConfigError(f"{section} config is missing the required parameter {key!r}; found {sorted(params)}")
+        raise ConfigError(
+            f"{section} config is missing the required parameter {key!r}; found {sorted(params)}"
+        )
     return params[key]
 
 
@@ -188,7 +196,9 @@ def _parse_autoencoder(params: Mapping[str, Any]) -> AutoencoderParams:
     }
     _check_keys("ddconfig", dd, fields)
     if not dd.get("double_z", True):
-        raise ConfigError("autoencoder: only double_z: true (a KL autoencoder with mean and log-variance) is supported")
+        raise ConfigError(
+            "autoencoder: only double_z: true (a KL autoencoder with mean and log-variance) is supported"
+        )
     return AutoencoderParams(
         embed_dim=int(_require("autoencoder", params, "embed_dim")),
         z_channels=int(_require("ddconfig", dd, "z_channels")),
@@ -219,7 +229,9 @@ def _text_encoder(preset: str, params: Mapping[str, Any], layer: str) -> TextEnc
 
 
 def _parse_openai_clip(params: Mapping[str, Any]) -> TextEncoderParams:
-    return _text_encoder(params.get("version", "openai/clip-vit-large-patch14"), params, params.get("layer", "last"))
+    return _text_encoder(
+        params.get("version", "openai/clip-vit-large-patch14"), params, params.get("layer", "last")
+    )
 
 
 def _parse_openclip(params: Mapping[str, Any]) -> TextEncoderParams:
@@ -282,7 +294,9 @@ def parse_config(raw: Mapping[str, Any], name: str) -> ModelConfig:
         raise ConfigError(f"{name}: parameterization must be 'eps' or 'v', found {parameterization!r}")
     beta_schedule = params.get("beta_schedule", "linear")
     if beta_schedule != "linear":
-        raise ConfigError(f"{name}: only beta_schedule 'linear' (the SD schedule) is supported, found {beta_schedule!r}")
+        raise ConfigError(
+            f"{name}: only beta_schedule 'linear' (the SD schedule) is supported, found {beta_schedule!r}"
+        )
     unet = _component(params, "unet_config", "unet")
     text_encoder = _component(params, "cond_stage_config", "text")
     if unet.context_dim != text_encoder.width:

@@ -16,6 +16,11 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from ldm_inpaint.checkpoint import to_file_layout
+from ldm_inpaint.config import ModelConfig
+from ldm_inpaint.models.latent_diffusion import LatentDiffusion
+from ldm_inpaint.schedule import ddpm_buffers
+
 
 def random_tensor(key: str, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
     """One random fp32 tensor of ``shape`` for the parameter called ``key`` (see the module docstring)."""
@@ -33,3 +38,13 @@ def random_state_dict(shapes: Iterable[tuple[str, tuple[int, ...]]], seed: int =
     """A state dict with a random fp32 tensor for every ``(key, shape)``, reproducible from ``seed``."""
     generator = torch.Generator().manual_seed(seed)
     return {key: random_tensor(key, tuple(shape), generator) for key, shape in shapes}
+
+
+def random_checkpoint(config: ModelConfig, seed: int = 0) -> dict[str, Tensor]:
+    """A random stand-in for a real checkpoint of ``config``: every weight in the original file layout
+    (SD1 text encoder in transformers' names) plus the 12 DDPM schedule buffers real files carry."""
+    with torch.device("meta"):
+        model = LatentDiffusion(config)
+    shapes = [(key, tuple(tensor.shape)) for key, tensor in model.state_dict().items()]
+    weights = to_file_layout(random_state_dict(shapes, seed), config)
+    return {**weights, **ddpm_buffers(config.schedule)}

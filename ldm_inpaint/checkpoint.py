@@ -1,0 +1,345 @@
+"""Reading the original checkpoint files and loading them, strictly, into our modules.
+
+A file is read without running any code from it (``torch.load(weights_only=True, mmap=True)`` or safetensors),
+its entries are sorted into (a) weights for the model, (b) entries we skip on purpose — each kind named in
+:data:`KNOWN_EXTRAS` and counted — and (c) anything else, which is an error. UNet and VAE keys are our module
+names as they are; only the SD1 text encoder goes through one explicit table (``models.clip``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+from ldm_inpaint.config import ModelConfig, load_config
+from ldm_inpaint.errors import CheckpointError
+from ldm_inpaint.models.clip import openai_to_openclip, openclip_to_openai
+from ldm_inpaint.models.latent_diffusion import LatentDiffusion
+from ldm_inpaint.schedule import alphas_cumprod
+
+SCHEDULE_KEYS = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
+# Entries real files carry that inference does not use, by kind.
+KNOWN_EXTRAS: dict[str, tuple[str, ...]] = {
+    "DDPM schedule buffers (recomputed from the config)": SCHEDULE_KEYS,
+    "training-only DDPM entries": ("logvar", "model_ema.decay", "model_ema.num_updates"),
+    "text-encoder position ids (implied by position)": (
+        "cond_stage_model.transformer.text_model.embeddings.position_ids",
+    ),
+}
+EMA_PREFIX = "model_ema."
+SD1_TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+OUR_TEXT_PREFIX = "cond_stage_model.model."
+# Non-tensor top-level entries of Lightning checkpoints.
+LIGHTNING_ENTRIES = (
+    "epoch",
+    "global_step",
+    "pytorch-lightning_version",
+    "callbacks",
+    "optimizer_states",
+    "lr_schedulers",
+    "hparams_name",
+    "hyper_parameters",
+    "loops",
+    "hparams",
+    "NativeMixedPrecisionPlugin",
+    "MixedPrecisionPlugin",
+)
+# Pickled Lightning objects (callback states) are rebuilt as inert stand-ins: no code of theirs runs.
+_INERT_GLOBAL_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
+
+BUNDLED_CONFIGS = {
+    ("inpainting", 768): "v1-inpainting-inference",
+    ("inpainting", 1024): "v2-inpainting-inference",
+    ("text-to-image", 768): "v1-inference",
+    ("text-to-image", 1024): "v2-inference",
+}
+
+
+class _InertObject:
+    """Stand-in for a pickled training-state object: accepts any state, does nothing."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+
+def _inert_class(qualified_name: str) -> type:
+    module, _, name = qualified_name.rpartition(".")
+    return type(name, (_InertObject,), {"__module__": module, "__qualname__": name})
+
+
+def _torch_load(path: Path) -> object:
+    """``torch.load`` restricted to tensors and plain containers (plus inert Lightning stand-ins)."""
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})") from error
+    refused = [name for name in unsafe if not name.startswith(_INERT_GLOBAL_PREFIXES)]
+    if refused:
+        raise CheckpointError(
+            f"{path}: refused to load: the pickle names code objects {refused[:5]}; a checkpoint should hold "
+            "only tensors and plain containers (nothing from this file was executed)"
+        )
+    stand_ins = [_inert_class(name) for name in unsafe]
+    try:
+        with torch.serialization.safe_globals(stand_ins):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})") from error
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 24) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def read_checkpoint(path: str | Path) -> dict[str, object]:
+    """All top-level entries of a ``.ckpt``/``.pt``/``.pth`` or ``.safetensors`` file, the ``state_dict``
+    wrapper of Lightning checkpoints unwrapped (its sibling entries are returned under their own names)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return dict(load_file(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({_first_line(error)})"
+            ) from error
+    loaded = _torch_load(path)
+    if not isinstance(loaded, Mapping):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found a {type(loaded).__name__}")
+    if "state_dict" in loaded:
+        inner = loaded["state_dict"]
+        if not isinstance(inner, Mapping):
+            raise CheckpointError(f"{path}: 'state_dict' entry is a {type(inner).__name__}, expected a dict")
+        outer = {key: value for key, value in loaded.items() if key != "state_dict"}
+        return {**outer, **inner}
+    return dict(loaded)
+
+
+@dataclass
+class SortedEntries:
+    """A file's entries sorted into model weights (our key names), skipped entries by kind, and the rest."""
+
+    weights: dict[str, Tensor]
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+    ema: dict[str, Tensor] = field(default_factory=dict)
+    unknown: list[str] = field(default_factory=list)
+
+
+def ema_key(name: str) -> str:
+    """LitEma's name for the shadow of ``model.<name>``: every dot removed (``model_ema.diffusion_modelout0bias``)."""
+    return EMA_PREFIX + name.removeprefix("model.").replace(".", "")
+
+
+def sort_entries(entries: Mapping[str, object]) -> SortedEntries:
+    """Split raw file entries into model weights (text keys mapped to our layout), skipped extras, EMA shadows
+    and unknown entries."""
+    known = {key: kind for kind, keys in KNOWN_EXTRAS.items() for key in keys}
+    sorted_ = SortedEntries(weights={})
+    text_openai: dict[str, Tensor] = {}
+    for key, value in entries.items():
+        if key in known:
+            sorted_.skipped.setdefault(known[key], []).append(key)
+        elif key in LIGHTNING_ENTRIES:
+            sorted_.skipped.setdefault("Lightning training state", []).append(key)
+        elif not isinstance(value, Tensor):
+            sorted_.unknown.append(key)
+        elif key.startswith(EMA_PREFIX):
+            sorted_.ema[key] = value
+        elif key.startswith(SD1_TEXT_PREFIX):
+            text_openai[key.removeprefix(SD1_TEXT_PREFIX)] = value
+        elif key.startswith(("model.diffusion_model.", "first_stage_model.", OUR_TEXT_PREFIX)):
+            sorted_.weights[key] = value
+        else:
+            sorted_.unknown.append(key)
+    if text_openai:
+        mapped = openai_to_openclip(text_openai)
+        sorted_.weights.update({OUR_TEXT_PREFIX + key: value for key, value in mapped.items()})
+    return sorted_
+
+
+def to_file_layout(weights: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """The inverse of :func:`sort_entries` for model weights: our key names -> the original file's (only the SD1
+    text encoder differs)."""
+    if config.text_encoder.layout != "openai":
+        return dict(weights)
+    text = {
+        key.removeprefix(OUR_TEXT_PREFIX): value
+        for key, value in weights.items()
+        if key.startswith(OUR_TEXT_PREFIX)
+    }
+    rest = {key: value for key, value in weights.items() if not key.startswith(OUR_TEXT_PREFIX)}
+    return {**rest, **{SD1_TEXT_PREFIX + key: value for key, value in openclip_to_openai(text).items()}}
+
+
+def detect_config(weights: Mapping[str, Tensor]) -> str:
+    """Name of the bundled config matching a state dict: UNet input channels (9 = inpainting, 4 =
+    text-to-image) and cross-attention context width (768 = SD1, 1024 = SD2)."""
+    conv_in = weights.get("model.diffusion_model.input_blocks.0.0.weight")
+    to_k = weights.get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    if conv_in is None or to_k is None or conv_in.ndim != 4 or to_k.ndim != 2:
+        raise CheckpointError(
+            "cannot detect the model: expected an SD UNet under 'model.diffusion_model.' (input_blocks.0.0.weight "
+            "and a cross-attention to_k weight); found none — is this a Stable Diffusion checkpoint?"
+        )
+    kinds = {9: "inpainting", 4: "text-to-image"}
+    in_channels, context_dim = conv_in.shape[1], to_k.shape[1]
+    name = BUNDLED_CONFIGS.get((kinds.get(in_channels, ""), context_dim))
+    if name is None:
+        raise CheckpointError(
+            f"cannot detect the model: UNet has {in_channels} input channels and context width {context_dim}; "
+            f"supported: 9 or 4 channels with 768 (SD1) or 1024 (SD2). Pass a config explicitly."
+        )
+    return name
+
+
+def _describe(keys: list[str], what: str) -> str:
+    shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
+    return f"{len(keys)} {what} ({shown})"
+
+
+def check_weights(model: torch.nn.Module, weights: Mapping[str, Tensor], config: ModelConfig) -> None:
+    """Every parameter present with its shape and nothing else; otherwise one error naming the first keys."""
+    expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    missing = [key for key in expected if key not in weights]
+    unexpected = [key for key in weights if key not in expected]
+    mis_shaped = [
+        f"{key} {tuple(weights[key].shape)} vs {shape}"
+        for key, shape in expected.items()
+        if key in weights and tuple(weights[key].shape) != shape
+    ]
+    problems = [
+        _describe(found, what)
+        for found, what in ((missing, "missing"), (unexpected, "unexpected"), (mis_shaped, "mis-shaped"))
+        if found
+    ]
+    if problems:
+        raise CheckpointError(
+            f"checkpoint does not match config {config.name!r} ({len(expected)} weights expected, "
+            f"{len(weights)} found): " + "; ".join(problems)
+        )
+
+
+def apply_ema(sorted_: SortedEntries) -> dict[str, Tensor]:
+    """The model weights with every ``model.*`` tensor replaced by its LitEma shadow."""
+    if not sorted_.ema:
+        raise CheckpointError("EMA weights requested, but the file has no 'model_ema.*' copy")
+    weights = dict(sorted_.weights)
+    for key in weights:
+        if key.startswith("model."):
+            shadow = ema_key(key)
+            if shadow not in sorted_.ema:
+                raise CheckpointError(f"EMA copy is incomplete: no {shadow} for {key}")
+            weights[key] = sorted_.ema[shadow]
+    return weights
+
+
+def check_schedule(entries: Mapping[str, object], config: ModelConfig) -> None:
+    """A file's stored ``alphas_cumprod`` (if any) must match the config's schedule — a free check that the
+    config fits the file. fp16 files store it rounded, hence the dtype-dependent tolerance."""
+    stored = entries.get("alphas_cumprod")
+    if not isinstance(stored, Tensor):
+        return
+    expected = alphas_cumprod(config.schedule)
+    if stored.shape != expected.shape:
+        raise CheckpointError(
+            f"the file's DDPM schedule has {stored.shape[0] if stored.ndim else 0} timesteps, config "
+            f"{config.name!r} has {expected.shape[0]}"
+        )
+    tolerance = 1e-6 if stored.dtype in (torch.float32, torch.float64) else 2e-3
+    error = ((stored.double() - expected) / expected).abs().max().item()
+    if error > tolerance:
+        raise CheckpointError(
+            f"the file's DDPM schedule (alphas_cumprod) differs from config {config.name!r} by {error:.2g} "
+            f"(relative; allowed {tolerance:g}): the config does not fit this checkpoint"
+        )
+
+
+@dataclass
+class LoadedModel:
+    model: LatentDiffusion
+    config: ModelConfig
+    skipped: dict[str, list[str]]
+    detected: bool
+
+
+def load_model(
+    path: str | Path,
+    config: str | Path | ModelConfig | None = None,
+    *,
+    use_ema: bool = False,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Read a checkpoint file and load it into the model of ``config`` (see :func:`build_model`)."""
+    entries = read_checkpoint(path)
+    try:
+        return build_model(entries, config, use_ema=use_ema, dtype=dtype, device=device)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+
+
+def build_model(
+    entries: Mapping[str, object],
+    config: str | Path | ModelConfig | None = None,
+    *,
+    use_ema: bool = False,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Build the model of ``config`` (detected from the weights when None) on the meta device, without
+    allocating weights, and load the file's entries into it strictly (``assign=True``: the model holds the
+    file's tensors, so a memory-mapped file is not copied). ``dtype`` None keeps the file's dtype."""
+    sorted_ = sort_entries(entries)
+    if sorted_.unknown:
+        raise CheckpointError(_describe(sorted_.unknown, "unexpected entries"))
+    weights = apply_ema(sorted_) if use_ema else sorted_.weights
+    if not use_ema and sorted_.ema:
+        sorted_.skipped["EMA copy (load it with use_ema)"] = list(sorted_.ema)
+    detected = config is None
+    if config is None:
+        config = detect_config(weights)
+    if not isinstance(config, ModelConfig):
+        config = load_config(config)
+    check_schedule(entries, config)
+    with torch.device("meta"):
+        model = LatentDiffusion(config)
+    check_weights(model, weights, config)
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return LoadedModel(model=model, config=config, skipped=sorted_.skipped, detected=detected)

@@ -1,0 +1,194 @@
+"""``ldm-inpaint``: argparse -> pipeline -> files. No logic of its own beyond I/O and reporting."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ldm_inpaint import __version__, image_io
+from ldm_inpaint.checkpoint import load_model, sha256_file
+from ldm_inpaint.errors import LdmInpaintError
+from ldm_inpaint.pipeline import InpaintPipeline, check_options
+from ldm_inpaint.samplers import SAMPLERS
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ldm-inpaint",
+        description="Inpaint images with the original SD 1.5 / SD 2 inpainting checkpoints.",
+    )
+    parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint file (.ckpt or .safetensors)")
+    parser.add_argument(
+        "--config", help="YAML config (original schema); default: detected from the checkpoint"
+    )
+    parser.add_argument("--use-ema", action="store_true", help="load the file's model_ema.* copy instead")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", type=Path, help="image to inpaint")
+    source.add_argument(
+        "--batch",
+        type=Path,
+        help="folder of X.png + X_mask.png pairs, or a text file with one 'image mask' pair per line",
+    )
+    parser.add_argument("--mask", type=Path, help="mask for --image: white = repaint, black = keep")
+    parser.add_argument(
+        "--resize-mask", action="store_true", help="resize a mask of another size to the image"
+    )
+    parser.add_argument("--prompt", default="", help="text prompt")
+    parser.add_argument(
+        "--negative-prompt", default="", help="what to steer away from (default: empty prompt)"
+    )
+    parser.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="sampler (default ddim)")
+    parser.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    parser.add_argument(
+        "--scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)"
+    )
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 = original demo")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the start noise (default 42)")
+    parser.add_argument("--n-samples", type=_positive_int, default=1, help="samples per image (default 1)")
+    parser.add_argument("--height", type=_positive_int, help="resize the input to this height first")
+    parser.add_argument("--width", type=_positive_int, help="resize the input to this width first")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--precision", default="fp32", choices=sorted(PRECISIONS), help="weights/compute dtype"
+    )
+    parser.add_argument(
+        "--outdir", type=Path, default=Path("outputs"), help="output folder (default outputs/)"
+    )
+    parser.add_argument("--save-latents", action="store_true", help="also save each final latent as .npy")
+    parser.add_argument("--version", action="version", version=f"ldm-inpaint {__version__}")
+    return parser
+
+
+def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.image is not None and args.mask is None:
+        parser.error("--image needs --mask")
+    if args.batch is not None and args.mask is not None:
+        parser.error("--mask goes with --image; in --batch mode masks come from the folder or list")
+    try:
+        check_options(args.sampler, args.steps, args.scale, args.eta)
+    except LdmInpaintError as error:
+        parser.error(str(error))
+    if not args.ckpt.is_file():
+        parser.error(f"checkpoint not found: {args.ckpt}")
+
+
+def _load_pair(image_path: Path, mask_path: Path, resize_mask: bool):
+    image = image_io.load_image(image_path)
+    mask = image_io.load_image(mask_path)
+    if resize_mask:
+        mask = image_io.resize_mask(mask, image.size)
+    image_io.check_same_size(image, mask)
+    return image, mask
+
+
+def _run_pair(
+    pipeline: InpaintPipeline, args, image_path: Path, mask_path: Path, ckpt_meta: dict
+) -> list[Path]:
+    image, mask = _load_pair(image_path, mask_path, args.resize_mask)
+    with tqdm(desc=image_path.name, unit="step", leave=False, file=sys.stderr) as bar:
+
+        def progress(index: int, total: int) -> None:
+            bar.total = total
+            bar.update(1)
+
+        result = pipeline(
+            image,
+            mask,
+            args.prompt,
+            negative_prompt=args.negative_prompt,
+            sampler=args.sampler,
+            steps=args.steps,
+            guidance_scale=args.scale,
+            eta=args.eta,
+            seed=args.seed,
+            n_samples=args.n_samples,
+            height=args.height,
+            width=args.width,
+            callback=progress,
+        )
+    written = []
+    for index, picture in enumerate(result.to_pil()):
+        metadata = {
+            **ckpt_meta,
+            "prompt": args.prompt,
+            "negative_prompt": args.negative_prompt,
+            "seed": str(args.seed),
+            "sample_index": str(index),
+            "sampler": args.sampler,
+            "steps": str(args.steps),
+            "steps_taken": str(result.steps_taken),
+            "scale": str(args.scale),
+            "eta": str(args.eta),
+            "precision": args.precision,
+            "image": str(image_path),
+            "mask": str(mask_path),
+        }
+        png = image_io.save_png(picture, args.outdir, image_path.stem, metadata)
+        written.append(png)
+        if args.save_latents:
+            written.append(image_io.save_npy(result.latents[index].numpy().astype(np.float32), png))
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _validate(parser, args)
+    try:
+        if args.batch is not None:
+            pairs, problems = image_io.find_pairs(args.batch)
+        else:
+            pairs, problems = [(args.image, args.mask)], []
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        loaded = load_model(
+            args.ckpt, args.config, use_ema=args.use_ema, dtype=PRECISIONS[args.precision], device=device
+        )
+        how = "detected from the checkpoint" if loaded.detected else "given"
+        print(f"ldm-inpaint: config {loaded.config.name} ({how})", file=sys.stderr)
+        for kind, keys in loaded.skipped.items():
+            print(f"ldm-inpaint: skipped {len(keys)} {kind}", file=sys.stderr)
+        pipeline = InpaintPipeline(loaded.model)
+        ckpt_meta = {
+            "checkpoint": args.ckpt.name,
+            "checkpoint_sha256": sha256_file(args.ckpt)[:12],
+            "config": pipeline.config.name,
+            "software": f"ldm-inpaint {__version__}",
+        }
+    except LdmInpaintError as error:
+        print(f"ldm-inpaint: error: {error}", file=sys.stderr)
+        return 2
+    failures = list(problems)
+    for image_path, mask_path in pairs:
+        try:
+            for path in _run_pair(pipeline, args, image_path, mask_path, ckpt_meta):
+                print(path)
+        except (LdmInpaintError, OSError) as error:
+            failures.append(f"{image_path}: {error}")
+            print(f"ldm-inpaint: error: {image_path}: {error}", file=sys.stderr)
+    if failures:
+        print(
+            f"ldm-inpaint: {len(failures)} of {len(pairs) + len(problems)} item(s) failed:", file=sys.stderr
+        )
+        for failure in failures:
+            print(f"  {failure}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Inpainting from top to bottom: image + mask + prompt -> latents -> sampler over the UNet -> image.
+
+Conditioning follows the original RunwayML / Stability AI inpainting scripts exactly:
+
+1. image in [-1, 1]; mask in {0, 1} (white = repaint, binarized at 0.5);
+2. masked image = image * (mask < 0.5), encoded by the VAE — the posterior **mean** (the original draws a
+   sample; the mean makes runs deterministic) — times the scale factor;
+3. mask resized to latent size with nearest;
+4. UNet input = cat(noisy latent, mask, masked-image latent); text contexts for the prompt and the negative
+   prompt, computed once per call;
+5. start noise = ``np.random.RandomState(seed).randn(n, 4, h/8, w/8)`` as float32 (so seeds carry over from
+   the original demos); stochastic DDIM noise from a torch generator seeded with the same seed;
+6. the sampler's final latent / scale factor -> VAE decoder -> image, cropped back to the input size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL.Image import Image
+from torch import Tensor
+
+from ldm_inpaint import image_io
+from ldm_inpaint.checkpoint import load_model
+from ldm_inpaint.config import ModelConfig
+from ldm_inpaint.denoiser import make_denoiser
+from ldm_inpaint.errors import LdmInpaintError
+from ldm_inpaint.models.latent_diffusion import LatentDiffusion
+from ldm_inpaint.samplers import NOISE_FREE, SAMPLERS
+from ldm_inpaint.schedule import alphas_cumprod
+
+
+@dataclass
+class InpaintResult:
+    """Images (n, 3, H, W) in [-1, 1] at the input size, and the final latents (n, 4, h/8, w/8) before decoding."""
+
+    images: Tensor
+    latents: Tensor
+    steps_taken: int
+
+    def to_pil(self) -> list[Image]:
+        return image_io.tensor_to_pil(self.images)
+
+
+def start_noise(seed: int, n: int, latent_size: tuple[int, int], channels: int = 4) -> Tensor:
+    """The original demos' start code: ``np.random.RandomState(seed).randn(n, 4, h, w)`` as float32."""
+    noise = np.random.RandomState(seed).randn(n, channels, *latent_size)
+    return torch.from_numpy(noise.astype(np.float32))
+
+
+def _as_image_tensor(image: Image | Tensor) -> Tensor:
+    return image_io.image_to_tensor(image) if isinstance(image, Image) else image.float()
+
+
+def _as_mask_tensor(mask: Image | Tensor) -> Tensor:
+    if isinstance(mask, Image):
+        return image_io.mask_to_tensor(mask)
+    return (mask.float() >= 0.5).float()
+
+
+def check_options(
+    sampler: str, steps: int, guidance_scale: float, eta: float, n_samples: int = 1, timesteps: int = 1000
+) -> None:
+    """Reject bad sampling options before any work is done (the CLI calls this before loading weights)."""
+    if sampler not in SAMPLERS:
+        raise LdmInpaintError(f"unknown sampler {sampler!r}; available: {sorted(SAMPLERS)}")
+    if not 1 <= steps <= timesteps:
+        raise LdmInpaintError(f"steps must be in 1..{timesteps} (the training timesteps), found {steps}")
+    if sampler in NOISE_FREE and eta != 0:
+        raise LdmInpaintError(f"the {sampler} sampler injects no noise and needs eta 0, found eta {eta}")
+    if not guidance_scale >= 0:
+        raise LdmInpaintError(f"guidance scale must be >= 0, found {guidance_scale}")
+    if not 0 <= eta <= 1:
+        raise LdmInpaintError(f"eta must be in [0, 1], found {eta}")
+    if n_samples < 1:
+        raise LdmInpaintError(f"number of samples must be >= 1, found {n_samples}")
+
+
+class InpaintPipeline:
+    """A loaded model plus its noise schedule; call it to inpaint."""
+
+    def __init__(self, model: LatentDiffusion) -> None:
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.alphas_cumprod = alphas_cumprod(self.config.schedule)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        config: str | Path | ModelConfig | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        use_ema: bool = False,
+    ) -> InpaintPipeline:
+        loaded = load_model(path, config, use_ema=use_ema, dtype=dtype, device=device)
+        return cls(loaded.model)
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent cell: 2 ** (number of VAE downsamplings), 8 for SD."""
+        return 2 ** (len(self.config.autoencoder.ch_mult) - 1)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
+        """CLIP contexts (n, 77, width) for a list of prompts."""
+        return self.model.cond_stage_model(list(prompts))
+
+    def encode_masked_image(self, image: Tensor, mask: Tensor) -> Tensor:
+        """The masked image's VAE posterior mean times the scale factor, (b, 4, h/8, w/8)."""
+        vae = self.model.first_stage_model
+        masked_image = image * (mask < 0.5)
+        posterior = vae.encode(masked_image.to(device=self.model.device, dtype=self.model.dtype))
+        return posterior.mean * self.config.scale_factor
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> images in [-1, 1] (unclamped)."""
+        vae = self.model.first_stage_model
+        return vae.decode((latents / self.config.scale_factor).to(self.model.dtype)).float()
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        image: Image | Tensor,
+        mask: Image | Tensor,
+        prompt: str | Sequence[str],
+        *,
+        negative_prompt: str = "",
+        sampler: str = "ddim",
+        steps: int = 50,
+        guidance_scale: float = 7.5,
+        eta: float = 0.0,
+        seed: int = 0,
+        n_samples: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        start_latent: Tensor | None = None,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> InpaintResult:
+        """Inpaint ``image`` where ``mask`` is white. ``prompt`` is one string or one per sample; images and
+        masks are PIL images or tensors ((1, 3, H, W) in [-1, 1] and (1, 1, H, W) in [0, 1]). ``height`` /
+        ``width`` resize the input first; otherwise sizes that are not multiples of 8 are edge-padded and the
+        result cropped back."""
+        check_options(sampler, steps, guidance_scale, eta, n_samples, self.config.schedule.timesteps)
+        if not self.config.is_inpainting:
+            raise LdmInpaintError(
+                f"config {self.config.name!r} is a text-to-image model (4-channel UNet); the inpainting pipeline "
+                "needs an inpainting checkpoint (9-channel UNet)"
+            )
+        prompts = [prompt] * n_samples if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != n_samples:
+            raise LdmInpaintError(f"expected 1 or {n_samples} prompts (one per sample), found {len(prompts)}")
+        image, mask = _as_image_tensor(image), _as_mask_tensor(mask)
+        if image.shape[-2:] != mask.shape[-2:]:
+            raise LdmInpaintError(
+                f"image is {tuple(image.shape[-2:])} (h, w) but mask is {tuple(mask.shape[-2:])}; resize the mask"
+            )
+        if height is not None or width is not None:
+            size = (height or image.shape[-2], width or image.shape[-1])
+            image = F.interpolate(image, size=size, mode="bicubic", antialias=True, align_corners=False)
+            mask = F.interpolate(mask, size=size, mode="nearest")
+        image, out_size = image_io.pad_to_multiple(image, self.latent_factor)
+        mask, _ = image_io.pad_to_multiple(mask, self.latent_factor)
+        latent_size = (image.shape[-2] // self.latent_factor, image.shape[-1] // self.latent_factor)
+
+        device, dtype = self.model.device, self.model.dtype
+        masked_latent = self.encode_masked_image(image, mask)
+        mask_latent = F.interpolate(mask, size=latent_size, mode="nearest").to(device=device, dtype=dtype)
+        concat = torch.cat([mask_latent, masked_latent], dim=1).expand(n_samples, -1, -1, -1)
+        context = self.encode_prompts(prompts)
+        uncond_context = self.encode_prompts([negative_prompt] * n_samples) if guidance_scale != 1.0 else None
+
+        x_T = start_noise(seed, n_samples, latent_size) if start_latent is None else start_latent.float()
+        expected_shape = (n_samples, 4, *latent_size)
+        if tuple(x_T.shape) != expected_shape:
+            raise LdmInpaintError(f"start latent must have shape {expected_shape}, found {tuple(x_T.shape)}")
+        denoiser = make_denoiser(
+            self.model.model.diffusion_model,
+            context=context,
+            uncond_context=uncond_context,
+            guidance_scale=guidance_scale,
+            concat=concat,
+            parameterization=self.config.parameterization,
+            alphas_cumprod=self.alphas_cumprod,
+        )
+        generator = torch.Generator(device=device).manual_seed(seed)
+        steps_taken = 0
+
+        def on_step(index: int, total: int) -> None:
+            nonlocal steps_taken
+            steps_taken = total
+            if callback is not None:
+                callback(index, total)
+
+        latents = SAMPLERS[sampler](
+            denoiser,
+            x_T.to(device),
+            self.alphas_cumprod,
+            steps,
+            eta=eta,
+            generator=generator,
+            callback=on_step,
+        )
+        images = image_io.crop(self.decode(latents), out_size)
+        return InpaintResult(images=images.cpu(), latents=latents.float().cpu(), steps_taken=steps_taken)
