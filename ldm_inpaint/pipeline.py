@@ -10,7 +10,8 @@ Conditioning follows the original RunwayML / Stability AI inpainting scripts exa
    prompt, computed once per call;
 5. start noise = ``np.random.RandomState(seed).randn(n, 4, h/8, w/8)`` as float32 (so seeds carry over from
    the original demos); stochastic DDIM noise from a torch generator seeded with the same seed;
-6. the sampler's final latent / scale factor -> VAE decoder -> image, cropped back to the input size.
+6. the sampler's final latent / scale factor -> VAE decoder -> image, cropped back to the input size
+   (inputs are edge-padded to multiples of 64, as the SD2 demo does: the UNet halves the latent three times).
 """
 
 from __future__ import annotations
@@ -107,6 +108,12 @@ class InpaintPipeline:
         """Pixels per latent cell: 2 ** (number of VAE downsamplings), 8 for SD."""
         return 2 ** (len(self.config.autoencoder.ch_mult) - 1)
 
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (64 for SD): the VAE's factor times the UNet's, whose skip
+        connections need latent sides divisible by 2 ** (number of UNet downsamplings)."""
+        return self.latent_factor * 2 ** (len(self.config.unet.channel_mult) - 1)
+
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
         """CLIP contexts (n, 77, width) for a list of prompts."""
         return self.model.cond_stage_model(list(prompts))
@@ -144,8 +151,8 @@ class InpaintPipeline:
     ) -> InpaintResult:
         """Inpaint ``image`` where ``mask`` is white. ``prompt`` is one string or one per sample; images and
         masks are PIL images or tensors ((1, 3, H, W) in [-1, 1] and (1, 1, H, W) in [0, 1]). ``height`` /
-        ``width`` resize the input first; otherwise sizes that are not multiples of 8 are edge-padded and the
-        result cropped back."""
+        ``width`` resize the input first; sides that are not multiples of :attr:`size_multiple` (64 for SD) are
+        edge-padded and the result cropped back."""
         check_options(sampler, steps, guidance_scale, eta, n_samples, self.config.schedule.timesteps)
         if not self.config.is_inpainting:
             raise LdmInpaintError(
@@ -164,8 +171,8 @@ class InpaintPipeline:
             size = (height or image.shape[-2], width or image.shape[-1])
             image = F.interpolate(image, size=size, mode="bicubic", antialias=True, align_corners=False)
             mask = F.interpolate(mask, size=size, mode="nearest")
-        image, out_size = image_io.pad_to_multiple(image, self.latent_factor)
-        mask, _ = image_io.pad_to_multiple(mask, self.latent_factor)
+        image, out_size = image_io.pad_to_multiple(image, self.size_multiple)
+        mask, _ = image_io.pad_to_multiple(mask, self.size_multiple)
         latent_size = (image.shape[-2] // self.latent_factor, image.shape[-1] // self.latent_factor)
 
         device, dtype = self.model.device, self.model.dtype

@@ -1,0 +1,218 @@
+"""End-to-end inpainting vs diffusers' StableDiffusionInpaintPipeline on the same random checkpoint.
+
+Both sides get the same PIL image, mask and start latent; diffusers' DDIM is configured like the original
+(``set_alpha_to_one=False``, ``steps_offset=1``, leading spacing, eta 0) and its prompt embeddings come from the
+independent text encoders (transformers / open_clip), its masked-image latent from its own VAE's posterior mean.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
+from PIL import Image
+
+from ldm_inpaint.checkpoint import OUR_TEXT_PREFIX, SD1_TEXT_PREFIX, build_model
+from ldm_inpaint.config import ModelConfig, load_config
+from ldm_inpaint.errors import LdmInpaintError
+from ldm_inpaint.pipeline import InpaintPipeline, start_noise
+from ldm_inpaint.random_weights import random_checkpoint
+from ldm_inpaint.tokenizer import tokenize
+
+from .conftest import FULL_CONFIGS, TINY_CONFIGS
+from .oracles import (
+    diffusers_unet,
+    diffusers_vae,
+    openclip_context,
+    openclip_tower,
+    original_yaml,
+    tiny_text_cfg,
+    transformers_clip,
+)
+from .parity import assert_parity
+
+PROMPT = "a yellow cat sitting on a park bench"
+NEGATIVE = "blurry, low quality"
+
+
+def sample_image(size: int, seed: int = 0) -> Image.Image:
+    """A smooth colour image with some texture, as a user would give it."""
+    rng = np.random.RandomState(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    base = np.stack([np.sin(6 * x + 1), np.cos(5 * y), np.sin(4 * (x + y))], -1)
+    pixels = 127.5 * (1 + 0.8 * base) + 10 * rng.randn(size, size, 3)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def sample_mask(size: int) -> Image.Image:
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 4 : 3 * size // 4, size // 3 : 5 * size // 6] = 255
+    return Image.fromarray(mask)
+
+
+def reference_contexts(
+    config: ModelConfig, checkpoint: dict, prompts: list[str], text_cfg: dict
+) -> torch.Tensor:
+    """Text contexts from the independent encoders, on the checkpoint's own text weights."""
+    params = config.text_encoder
+    tokens = tokenize(prompts, pad_token=params.pad_token).ids
+    if params.layout == "openai":
+        weights = {
+            k.removeprefix(SD1_TEXT_PREFIX): v for k, v in checkpoint.items() if k.startswith(SD1_TEXT_PREFIX)
+        }
+        return transformers_clip(params, weights)(input_ids=tokens).last_hidden_state
+    weights = {
+        k.removeprefix(OUR_TEXT_PREFIX): v for k, v in checkpoint.items() if k.startswith(OUR_TEXT_PREFIX)
+    }
+    return openclip_context(openclip_tower(params, text_cfg, weights), tokens, params.layer)
+
+
+def diffusers_pipeline(config_path: Path, checkpoint: dict) -> StableDiffusionInpaintPipeline:
+    raw = original_yaml(config_path)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+        clip_sample=False,
+        prediction_type="epsilon",
+    )
+    return StableDiffusionInpaintPipeline(
+        vae=diffusers_vae(raw, checkpoint),
+        text_encoder=None,
+        tokenizer=None,
+        unet=diffusers_unet(raw, checkpoint),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def run_parity(config_path: Path, size: int, steps: int, scale: float, text_cfg: dict | None = None) -> None:
+    config = load_config(config_path)
+    checkpoint = random_checkpoint(config, seed=3)
+    image, mask = sample_image(size), sample_mask(size)
+    latent_size = (size // 8, size // 8)
+    x_T = start_noise(42, 1, latent_size)
+
+    ours = InpaintPipeline(build_model(checkpoint, config).model)
+    result = ours(
+        image, mask, PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance_scale=scale, start_latent=x_T
+    )
+
+    theirs = diffusers_pipeline(config_path, checkpoint)
+    with torch.no_grad():
+        contexts = reference_contexts(
+            config, checkpoint, [PROMPT, NEGATIVE], text_cfg or tiny_text_cfg(config.text_encoder)
+        )
+        pixels = theirs.image_processor.preprocess(image)
+        binary = theirs.mask_processor.preprocess(mask)
+        masked_latent = theirs.vae.encode(pixels * (binary < 0.5)).latent_dist.mean * config.scale_factor
+        expected = theirs(
+            prompt_embeds=contexts[:1],
+            negative_prompt_embeds=contexts[1:],
+            image=image,
+            mask_image=mask,
+            masked_image_latents=masked_latent,
+            latents=x_T.clone(),
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=scale,
+            eta=0.0,
+            output_type="latent",
+        ).images
+    assert result.steps_taken == steps
+    assert result.images.shape == (1, 3, size, size)
+    assert_parity(result.latents, expected)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_parity_with_diffusers_inpaint_tiny(version: str) -> None:
+    run_parity(TINY_CONFIGS[version], size=64, steps=10, scale=7.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_parity_with_diffusers_inpaint_full_size(version: str) -> None:
+    import open_clip
+
+    text_cfg = open_clip.get_model_config("ViT-H-14")["text_cfg"]
+    run_parity(FULL_CONFIGS[version], size=128, steps=5, scale=7.5, text_cfg=text_cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline() -> InpaintPipeline:
+    config = load_config(TINY_CONFIGS["v1"])
+    return InpaintPipeline(build_model(random_checkpoint(config, seed=5), config).model)
+
+
+def test_same_seed_is_bit_identical_and_seeds_differ(tiny_pipeline: InpaintPipeline) -> None:
+    image, mask = sample_image(64), sample_mask(64)
+    options = dict(steps=4, guidance_scale=5.0, eta=1.0, seed=7, n_samples=2)
+    first = tiny_pipeline(image, mask, PROMPT, **options)
+    second = tiny_pipeline(image, mask, PROMPT, **options)
+    assert torch.equal(first.latents, second.latents) and torch.equal(first.images, second.images)
+    other = tiny_pipeline(image, mask, PROMPT, **{**options, "seed": 8})
+    assert not torch.allclose(first.latents, other.latents)
+    # eta > 0 draws fresh noise at each step from the seeded generator: it must change the result.
+    deterministic = tiny_pipeline(image, mask, PROMPT, **{**options, "eta": 0.0})
+    assert not torch.allclose(first.latents, deterministic.latents)
+
+
+def test_start_noise_is_the_original_demo_code() -> None:
+    expected = np.random.RandomState(42).randn(2, 4, 8, 8).astype(np.float32)
+    assert np.array_equal(start_noise(42, 2, (8, 8)).numpy(), expected)
+
+
+def test_odd_sizes_are_padded_and_cropped_back(tiny_pipeline: InpaintPipeline) -> None:
+    image, mask = sample_image(64).crop((0, 0, 61, 50)), sample_mask(64).crop((0, 0, 61, 50))
+    result = tiny_pipeline(image, mask, PROMPT, steps=2)
+    assert result.images.shape == (1, 3, 50, 61)
+    assert result.latents.shape == (1, 4, 8, 8)  # padded to multiples of 32 (tiny UNet: 2 halvings)
+    resized = tiny_pipeline(image, mask, PROMPT, steps=2, height=32, width=48)
+    assert resized.images.shape == (1, 3, 32, 48)
+
+
+def test_non_divisor_step_count_reports_the_original_grid(tiny_pipeline: InpaintPipeline) -> None:
+    ticks = []
+    result = tiny_pipeline(
+        sample_image(64), sample_mask(64), PROMPT, steps=6, callback=lambda i, n: ticks.append(n)
+    )
+    assert result.steps_taken == 7 and len(ticks) == 7
+
+
+def test_plms_and_guidance_scale_one_run(tiny_pipeline: InpaintPipeline) -> None:
+    result = tiny_pipeline(
+        sample_image(64), sample_mask(64), PROMPT, sampler="plms", steps=3, guidance_scale=1.0
+    )
+    assert torch.isfinite(result.latents).all()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"steps": 0}, "steps must be in 1..1000"),
+        ({"guidance_scale": -1.0}, "guidance scale must be >= 0"),
+        ({"sampler": "plms", "eta": 0.5}, "plms sampler injects no noise and needs eta 0"),
+        ({"sampler": "euler-x"}, "unknown sampler 'euler-x'"),
+        ({"n_samples": 2, "prompt": ["a", "b", "c"]}, "expected 1 or 2 prompts"),
+        ({"start_latent": torch.zeros(1, 4, 4, 4)}, r"start latent must have shape \(1, 4, 8, 8\)"),
+    ],
+)
+def test_bad_options_are_clear_errors(tiny_pipeline: InpaintPipeline, options: dict, message: str) -> None:
+    prompt = options.pop("prompt", PROMPT)
+    with pytest.raises(LdmInpaintError, match=message):
+        tiny_pipeline(sample_image(64), sample_mask(64), prompt, **options)
+
+
+def test_image_and_mask_of_different_sizes(tiny_pipeline: InpaintPipeline) -> None:
+    with pytest.raises(LdmInpaintError, match="resize the mask"):
+        tiny_pipeline(sample_image(64), sample_mask(32), PROMPT, steps=1)
