@@ -16,6 +16,7 @@ Conditioning follows the original RunwayML / Stability AI inpainting scripts exa
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,14 @@ class InpaintPipeline:
         latent_size = (image.shape[-2] // self.latent_factor, image.shape[-1] // self.latent_factor)
 
         device, dtype = self.model.device, self.model.dtype
+        if not mask.any():
+            warnings.warn("the mask is empty (nothing to repaint): returning the input image", stacklevel=2)
+            latent = self.encode_masked_image(image, mask).float().cpu()
+            return InpaintResult(
+                images=image_io.crop(image, out_size).expand(n_samples, -1, -1, -1).clone(),
+                latents=latent.expand(n_samples, -1, -1, -1).clone(),
+                steps_taken=0,
+            )
         masked_latent = self.encode_masked_image(image, mask)
         mask_latent = F.interpolate(mask, size=latent_size, mode="nearest").to(device=device, dtype=dtype)
         concat = torch.cat([mask_latent, masked_latent], dim=1).expand(n_samples, -1, -1, -1)

@@ -216,3 +216,11 @@ def test_bad_options_are_clear_errors(tiny_pipeline: InpaintPipeline, options: d
 def test_image_and_mask_of_different_sizes(tiny_pipeline: InpaintPipeline) -> None:
     with pytest.raises(LdmInpaintError, match="resize the mask"):
         tiny_pipeline(sample_image(64), sample_mask(32), PROMPT, steps=1)
+
+
+def test_empty_mask_returns_the_image(tiny_pipeline: InpaintPipeline) -> None:
+    image = sample_image(64)
+    with pytest.warns(UserWarning, match="mask is empty"):
+        result = tiny_pipeline(image, Image.new("L", (64, 64), 0), PROMPT, n_samples=2)
+    assert result.steps_taken == 0
+    assert result.to_pil()[1].tobytes() == image.tobytes()

@@ -1,0 +1,146 @@
+"""The ``ldm-inpaint`` command end to end on a tiny random checkpoint: files, metadata, no overwriting, batch
+mode that carries on past a bad pair, and one clear error line for bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm_inpaint.checkpoint import sha256_file
+from ldm_inpaint.cli import main
+from ldm_inpaint.config import load_config
+from ldm_inpaint.image_io import read_png_metadata
+from ldm_inpaint.random_weights import random_checkpoint
+
+from .conftest import TINY_CONFIGS
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-v1.ckpt"
+    torch.save({"state_dict": random_checkpoint(load_config(TINY_CONFIGS["v1"]), seed=9)}, path)
+    return path
+
+
+def write_pair(folder: Path, name: str, size: tuple[int, int] = (64, 48)) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(0)
+    image = folder / f"{name}.png"
+    Image.fromarray(rng.randint(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(image)
+    mask = np.zeros((size[1], size[0]), np.uint8)
+    mask[10:30, 20:40] = 255
+    mask_path = folder / f"{name}_mask.png"
+    Image.fromarray(mask).save(mask_path)
+    return image, mask_path
+
+
+def base_args(checkpoint: Path, outdir: Path) -> list[str]:
+    return [
+        "--ckpt",
+        str(checkpoint),
+        "--config",
+        str(TINY_CONFIGS["v1"]),
+        "--prompt",
+        "a red bench",
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "--outdir",
+        str(outdir),
+    ]
+
+
+def test_single_image_files_metadata_and_no_overwrite(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    image, mask = write_pair(tmp_path / "in", "photo")
+    outdir = tmp_path / "out"
+    args = [*base_args(checkpoint, outdir), "--image", str(image), "--mask", str(mask)]
+    args += ["--n-samples", "2", "--save-latents", "--sampler", "ddim", "--eta", "1.0"]
+    assert main(args) == 0
+    first = sorted(outdir.iterdir())
+    assert [p.name for p in first] == [
+        "photo-00000.npy",
+        "photo-00000.png",
+        "photo-00001.npy",
+        "photo-00001.png",
+    ]
+    with Image.open(first[1]) as png:
+        assert png.size == (64, 48) and png.mode == "RGB"
+    latent = np.load(first[0])
+    assert latent.dtype == np.float32 and latent.shape == (4, 8, 8)  # 48x64 padded to 64x64
+    meta = read_png_metadata(first[1])
+    assert meta["prompt"] == "a red bench" and meta["seed"] == "5" and meta["sampler"] == "ddim"
+    assert meta["steps"] == "3" and meta["scale"] == "7.5" and meta["eta"] == "1.0"
+    assert meta["checkpoint"] == "tiny-v1.ckpt"
+    assert meta["checkpoint_sha256"] == sha256_file(checkpoint)[:12]
+    before = {p: p.read_bytes() for p in first}
+
+    assert main(args) == 0  # same command again: new numbers, old files untouched
+    assert len(list(outdir.iterdir())) == 8
+    assert all(p.read_bytes() == content for p, content in before.items())
+    # Same seed, same inputs: bit-identical pictures and latents.
+    assert (outdir / "photo-00002.png").read_bytes() == before[first[1]]
+    assert np.array_equal(np.load(outdir / "photo-00002.npy"), latent)
+    assert "config v1-inpainting-tiny (given)" in capsys.readouterr().err
+
+
+def test_batch_goes_on_past_a_bad_pair_and_fails_at_the_end(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "batch"
+    write_pair(folder, "a")
+    write_pair(folder, "c")
+    bad_image, _ = write_pair(folder, "b")
+    bad_image.write_bytes(b"not a png at all")
+    (folder / "orphan.png").write_bytes((folder / "a.png").read_bytes())
+    outdir = tmp_path / "out"
+    code = main([*base_args(checkpoint, outdir), "--batch", str(folder)])
+    assert code == 1
+    assert sorted(p.name for p in outdir.iterdir()) == ["a-00000.png", "c-00000.png"]
+    err = capsys.readouterr().err
+    assert "2 of 4 item(s) failed" in err
+    assert "b.png" in err and "orphan.png" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--steps", "0"], "steps must be in 1..1000"),
+        (["--scale", "-2"], "guidance scale must be >= 0"),
+        (["--sampler", "plms", "--eta", "0.3"], "plms sampler injects no noise and needs eta 0"),
+        (["--eta", "1.5"], "eta must be in [0, 1]"),
+        (["--steps", "many"], "invalid int value: 'many'"),
+        (["--n-samples", "0"], "expected a positive integer"),
+    ],
+)
+def test_bad_numbers_are_one_line_errors(checkpoint: Path, tmp_path: Path, capsys, extra, message) -> None:
+    image, mask = write_pair(tmp_path, "x")
+    args = [*base_args(checkpoint, tmp_path / "out"), "--image", str(image), "--mask", str(mask), *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_paths_and_sizes(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    image, mask = write_pair(tmp_path, "x")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        main([*base_args(tmp_path / "missing.ckpt", out), "--image", str(image), "--mask", str(mask)])
+    assert "checkpoint not found" in capsys.readouterr().err
+
+    assert (
+        main([*base_args(checkpoint, out), "--image", str(tmp_path / "nope.png"), "--mask", str(mask)]) == 1
+    )
+    assert "nope.png" in capsys.readouterr().err
+
+    small_mask = tmp_path / "small_mask.png"
+    Image.new("L", (32, 32), 255).save(small_mask)
+    assert main([*base_args(checkpoint, out), "--image", str(image), "--mask", str(small_mask)]) == 1
+    assert "--resize-mask" in capsys.readouterr().err
+    resized = [*base_args(checkpoint, out), "--image", str(image), "--mask", str(small_mask), "--resize-mask"]
+    assert main(resized) == 0
