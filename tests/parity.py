@@ -20,6 +20,7 @@ def assert_parity(actual: Tensor, expected: Tensor) -> None:
     low, high = ACTIVATION_SCALE_RANGE
     assert low < scale < high, f"reference output scale {scale:.3g} is outside {ACTIVATION_SCALE_RANGE}"
     max_diff = (actual - expected).abs().max().item()
+    print(f"parity: max abs diff {max_diff:.3g}, reference std {scale:.3g}, ratio {max_diff / scale:.3g}")
     assert max_diff <= PARITY_RTOL * scale, (
         f"max abs difference {max_diff:.3g} exceeds {PARITY_RTOL} x output scale {scale:.3g}"
     )
