@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +145,18 @@ def _run_pair(
     return written
 
 
+# Subcommands: ``ldm-inpaint NAME ...``; anything else is the inpainting command itself.
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
+    return inpaint_main(argv)
+
+
+def inpaint_main(argv: Sequence[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _validate(parser, args)
