@@ -26,6 +26,18 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm_inpaint.models.clip import TextEncoderParams
 
+# The original DDIM in diffusers' terms (REFERENCE.md); the two agree only for step counts that divide 1000.
+ORIGINAL_DDIM = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    set_alpha_to_one=False,
+    steps_offset=1,
+    timestep_spacing="leading",
+    prediction_type="epsilon",
+)
+
 
 def original_yaml(path: Path, in_channels: int | None = None) -> dict[str, Any]:
     """A config file as the original code reads it (optionally with another UNet input width)."""

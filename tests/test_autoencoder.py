@@ -12,11 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
-from diffusers.loaders.single_file_utils import (
-    convert_ldm_vae_checkpoint,
-    create_vae_diffusers_config_from_ldm,
-)
-from omegaconf import OmegaConf
 
 from ldm_inpaint.config import load_config
 from ldm_inpaint.errors import ConfigError
@@ -24,6 +19,7 @@ from ldm_inpaint.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from ldm_inpaint.random_weights import random_state_dict
 
 from .conftest import FULL_CONFIGS, MANIFESTS, TINY_CONFIGS
+from .oracles import diffusers_vae, original_yaml
 from .parity import assert_parity
 
 PREFIX = "first_stage_model."
@@ -39,11 +35,7 @@ def build_pair(config_path: Path, seed: int) -> tuple[AutoencoderKL, DiffusersAu
     ours.load_state_dict(
         {key.removeprefix(PREFIX): t for key, t in checkpoint.items()}, strict=True, assign=True
     )
-    original_config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
-    diffusers_config = create_vae_diffusers_config_from_ldm(original_config, checkpoint)
-    theirs = DiffusersAutoencoderKL(**diffusers_config)
-    theirs.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, diffusers_config), strict=True)
-    return ours.eval(), theirs.eval()
+    return ours.eval(), diffusers_vae(original_yaml(config_path), checkpoint)
 
 
 def parity_outputs(

@@ -24,6 +24,7 @@ from ldm_inpaint.tokenizer import tokenize
 
 from .conftest import FULL_CONFIGS, TINY_CONFIGS
 from .oracles import (
+    ORIGINAL_DDIM,
     diffusers_unet,
     diffusers_vae,
     openclip_context,
@@ -72,17 +73,7 @@ def reference_contexts(
 
 def diffusers_pipeline(config_path: Path, checkpoint: dict) -> StableDiffusionInpaintPipeline:
     raw = original_yaml(config_path)
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        set_alpha_to_one=False,
-        steps_offset=1,
-        timestep_spacing="leading",
-        clip_sample=False,
-        prediction_type="epsilon",
-    )
+    scheduler = DDIMScheduler(**ORIGINAL_DDIM, clip_sample=False)
     return StableDiffusionInpaintPipeline(
         vae=diffusers_vae(raw, checkpoint),
         text_encoder=None,

@@ -13,20 +13,10 @@ from ldm_inpaint.denoiser import CountedDenoiser, Denoiser
 from ldm_inpaint.samplers import SAMPLERS, ddim, plms
 from ldm_inpaint.schedule import alphas_cumprod
 
+from .oracles import ORIGINAL_DDIM
 from .parity import assert_parity
 
 ALPHAS_CUMPROD = alphas_cumprod(ScheduleParams())
-# The original configuration in diffusers' terms (REFERENCE.md); only exact for steps that divide 1000.
-ORIGINAL_LIKE = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    set_alpha_to_one=False,
-    steps_offset=1,
-    timestep_spacing="leading",
-    prediction_type="epsilon",
-)
 
 
 def closed_form_denoiser(x: Tensor, t: Tensor) -> Tensor:
@@ -104,7 +94,7 @@ def run_diffusers(scheduler: DDIMScheduler | PNDMScheduler, x: Tensor, steps: in
 @pytest.mark.parametrize("steps", [50, 20, 10])
 def test_ddim_matches_diffusers(steps: int, eta: float) -> None:
     x_T = start_noise()
-    scheduler = DDIMScheduler(**ORIGINAL_LIKE, clip_sample=False)
+    scheduler = DDIMScheduler(**ORIGINAL_DDIM, clip_sample=False)
     expected = run_diffusers(scheduler, x_T, steps, eta=eta, generator=torch.Generator().manual_seed(1))
     assert scheduler.timesteps.flip(0).tolist() == list(range(1, 1000, 1000 // steps))
     actual = ddim(
@@ -117,7 +107,7 @@ def test_ddim_eta_1_noise_is_drawn_like_diffusers() -> None:
     """With another seed the eta = 1 results differ by O(1): the parity above holds only because both draw the
     same noise, in the same order."""
     x_T = start_noise()
-    scheduler = DDIMScheduler(**ORIGINAL_LIKE, clip_sample=False)
+    scheduler = DDIMScheduler(**ORIGINAL_DDIM, clip_sample=False)
     expected = run_diffusers(scheduler, x_T, 10, eta=1.0, generator=torch.Generator().manual_seed(1))
     other_seed = ddim(
         closed_form_denoiser, x_T, ALPHAS_CUMPROD, 10, eta=1.0, generator=torch.Generator().manual_seed(2)
@@ -148,7 +138,7 @@ def test_plms_matches_the_original_loop(steps: int) -> None:
 @pytest.mark.parametrize("steps", [50, 20])
 def test_plms_matches_diffusers_pndm_without_runge_kutta(steps: int) -> None:
     x_T = start_noise()
-    expected = run_diffusers(PNDMScheduler(**ORIGINAL_LIKE, skip_prk_steps=True), x_T, steps)
+    expected = run_diffusers(PNDMScheduler(**ORIGINAL_DDIM, skip_prk_steps=True), x_T, steps)
     assert_parity(plms(closed_form_denoiser, x_T, ALPHAS_CUMPROD, steps), expected)
 
 

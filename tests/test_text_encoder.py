@@ -7,17 +7,17 @@ from dataclasses import replace
 import open_clip
 import pytest
 import torch
-from open_clip.model import _build_text_tower
 from torch import Tensor
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm_inpaint.config import load_config
 from ldm_inpaint.errors import CheckpointError
 from ldm_inpaint.models.clip import TextEncoderParams, TextTransformer, openai_to_openclip, openclip_to_openai
 from ldm_inpaint.random_weights import random_state_dict
 from ldm_inpaint.tokenizer import tokenize
-from tests.conftest import FULL_CONFIGS, MANIFESTS, TINY_CONFIGS
-from tests.parity import assert_parity
+
+from .conftest import FULL_CONFIGS, MANIFESTS, TINY_CONFIGS
+from .oracles import openclip_context, openclip_tower, tiny_text_cfg, transformers_clip
+from .parity import assert_parity
 
 SD1_PREFIX = "cond_stage_model.transformer.text_model."
 SD2_PREFIX = "cond_stage_model.model."
@@ -123,20 +123,7 @@ def test_missing_projection_is_an_error() -> None:
 def sd1_parity(params: TextEncoderParams) -> None:
     """Ours vs transformers' CLIPTextModel (the SD1 original) on the same random weights, SD1 tokens."""
     ours, weights = random_encoder(params, seed=1)
-    config = CLIPTextConfig(
-        vocab_size=params.vocab_size,
-        hidden_size=params.width,
-        intermediate_size=4 * params.width,
-        num_hidden_layers=params.layers,
-        num_attention_heads=params.heads,
-        max_position_embeddings=params.context_length,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-    )
-    reference = CLIPTextModel._from_config(config, attn_implementation="eager").eval()
-    # transformers < 5.6 nests the modules under ``text_model.`` (the checkpoint's layout), later ones do not.
-    prefix = "text_model." if hasattr(reference, "text_model") else ""
-    reference.load_state_dict({prefix + key: value for key, value in openclip_to_openai(weights).items()})
+    reference = transformers_clip(params, openclip_to_openai(weights))
     del weights
     tokens = tokenize(PROMPTS, pad_token=params.pad_token).ids
     with torch.no_grad():
@@ -148,31 +135,14 @@ def sd1_parity(params: TextEncoderParams) -> None:
 def sd2_parity(params: TextEncoderParams, text_cfg: dict) -> None:
     """Ours vs the original FrozenOpenCLIPEmbedder computation on open_clip's text tower, same weights."""
     ours, weights = random_encoder(params, seed=2)
-    tower = _build_text_tower(params.projection_dim, text_cfg).eval()
-    # logit_scale belongs to open_clip's CLIP model, not to its text tower.
-    tower.load_state_dict({key: value for key, value in weights.items() if key != "logit_scale"})
+    tower = openclip_tower(params, text_cfg, weights)
     del weights
     tokens = tokenize(PROMPTS, pad_token=params.pad_token).ids
     assert torch.equal(tokens, open_clip.tokenize(PROMPTS))
-    # FrozenOpenCLIPEmbedder.encode_with_transformer: embeddings, the resblocks up to the chosen layer with
-    # the causal mask, ln_final.
-    blocks = tower.transformer.resblocks
-    used = len(blocks) - (1 if params.layer == "penultimate" else 0)
     with torch.no_grad():
-        x = tower.token_embedding(tokens) + tower.positional_embedding
-        if not tower.transformer.batch_first:
-            x = x.permute(1, 0, 2)  # NLD -> LND
-        for block in blocks[:used]:
-            x = block(x, attn_mask=tower.attn_mask)
-        if not tower.transformer.batch_first:
-            x = x.permute(1, 0, 2)  # LND -> NLD
-        expected = tower.ln_final(x)
+        expected = openclip_context(tower, tokens, params.layer)
         del tower
         assert_parity(ours(tokens), expected)
-
-
-def tiny_text_cfg(params: TextEncoderParams) -> dict:
-    return {"width": params.width, "layers": params.layers, "heads": params.heads}
 
 
 def test_sd1_parity_tiny() -> None:

@@ -9,22 +9,16 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
-from diffusers.loaders.single_file_utils import (
-    convert_ldm_unet_checkpoint,
-    create_unet_diffusers_config_from_ldm,
-)
-from omegaconf import OmegaConf
 
 from ldm_inpaint.config import load_config
 from ldm_inpaint.models.unet import UNetModel, UNetParams
 from ldm_inpaint.random_weights import random_state_dict
 
 from .conftest import FULL_CONFIGS, MANIFESTS, TINY_CONFIGS
+from .oracles import diffusers_unet, original_yaml
 from .parity import assert_parity
 
 PREFIX = "model.diffusion_model."
@@ -33,22 +27,6 @@ PREFIX = "model.diffusion_model."
 def _meta_unet(params: UNetParams) -> UNetModel:
     with torch.device("meta"):
         return UNetModel(params)
-
-
-def _original_yaml(path: Path, in_channels: int) -> dict[str, Any]:
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    raw["model"]["params"]["unet_config"]["params"]["in_channels"] = in_channels
-    return raw
-
-
-def _diffusers_unet(raw_config: dict[str, Any], checkpoint: dict[str, torch.Tensor]) -> UNet2DConditionModel:
-    """diffusers' UNet built and converted from the original config and checkpoint, loaded strictly."""
-    config = create_unet_diffusers_config_from_ldm(raw_config, checkpoint)
-    converted = convert_ldm_unet_checkpoint(checkpoint, config)
-    with torch.device("meta"):
-        model = UNet2DConditionModel(**config)
-    model.load_state_dict(converted, strict=True, assign=True)
-    return model.eval()
 
 
 def _check_parity(config_path: Path, in_channels: int, size: int, timesteps: list[float]) -> None:
@@ -61,7 +39,7 @@ def _check_parity(config_path: Path, in_channels: int, size: int, timesteps: lis
     ours.load_state_dict(
         {key[len(PREFIX) :]: value for key, value in checkpoint.items()}, strict=True, assign=True
     )
-    theirs = _diffusers_unet(_original_yaml(config_path, in_channels), checkpoint)
+    theirs = diffusers_unet(original_yaml(config_path, in_channels), checkpoint)
 
     generator = torch.Generator().manual_seed(2)
     batch = len(timesteps)
