@@ -35,6 +35,7 @@ from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 from ldm_inpaint.samplers import NOISE_FREE, SAMPLERS
 from ldm_inpaint.schedule import alphas_cumprod
+from ldm_inpaint.tokenizer import chunk_count
 
 
 @dataclass
@@ -115,9 +116,9 @@ class InpaintPipeline:
         connections need latent sides divisible by 2 ** (number of UNet downsamplings)."""
         return self.latent_factor * 2 ** (len(self.config.unet.channel_mult) - 1)
 
-    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
-        """CLIP contexts (n, 77, width) for a list of prompts."""
-        return self.model.cond_stage_model(list(prompts))
+    def encode_prompts(self, prompts: Sequence[str], chunks: int | None = None) -> Tensor:
+        """CLIP contexts (n, 77, width) for a list of prompts; (n, chunks * 77, width) with ``chunks``."""
+        return self.model.cond_stage_model(list(prompts), chunks)
 
     def encode_masked_image(self, image: Tensor, mask: Tensor) -> Tensor:
         """The masked image's VAE posterior mean times the scale factor, (b, 4, h/8, w/8)."""
@@ -148,12 +149,14 @@ class InpaintPipeline:
         height: int | None = None,
         width: int | None = None,
         start_latent: Tensor | None = None,
+        long_prompts: bool = False,
         callback: Callable[[int, int], None] | None = None,
     ) -> InpaintResult:
         """Inpaint ``image`` where ``mask`` is white. ``prompt`` is one string or one per sample; images and
         masks are PIL images or tensors ((1, 3, H, W) in [-1, 1] and (1, 1, H, W) in [0, 1]). ``height`` /
         ``width`` resize the input first; sides that are not multiples of :attr:`size_multiple` (64 for SD) are
-        edge-padded and the result cropped back."""
+        edge-padded and the result cropped back. ``long_prompts`` encodes text beyond 75 tokens in extra
+        77-token windows instead of truncating it (the original truncates)."""
         check_options(sampler, steps, guidance_scale, eta, n_samples, self.config.schedule.timesteps)
         if not self.config.is_inpainting:
             raise LdmInpaintError(
@@ -188,8 +191,12 @@ class InpaintPipeline:
         masked_latent = self.encode_masked_image(image, mask)
         mask_latent = F.interpolate(mask, size=latent_size, mode="nearest").to(device=device, dtype=dtype)
         concat = torch.cat([mask_latent, masked_latent], dim=1).expand(n_samples, -1, -1, -1)
-        context = self.encode_prompts(prompts)
-        uncond_context = self.encode_prompts([negative_prompt] * n_samples) if guidance_scale != 1.0 else None
+        # Long prompts: every context (prompt and negative) gets the same number of 75-token windows.
+        chunks = max(chunk_count(text) for text in [*prompts, negative_prompt]) if long_prompts else None
+        context = self.encode_prompts(prompts, chunks)
+        uncond_context = None
+        if guidance_scale != 1.0:
+            uncond_context = self.encode_prompts([negative_prompt] * n_samples, chunks)
 
         x_T = start_noise(seed, n_samples, latent_size) if start_latent is None else start_latent.float()
         expected_shape = (n_samples, 4, *latent_size)

@@ -57,3 +57,31 @@ def tokenize(prompts: list[str], pad_token: int, context_length: int = 77) -> To
             tokens = [*tokens[: context_length - 1], tokens[-1]]
         ids[row, : len(tokens)] = torch.tensor(tokens)
     return Tokens(ids=ids, truncated=truncated)
+
+
+def chunk_count(prompt: str, context_length: int = 77) -> int:
+    """How many ``context_length`` windows the prompt's BPE tokens fill when each window holds
+    ``context_length - 2`` of them between its own start and end tokens (at least 1)."""
+    body = len(encode(prompt)) - 2
+    per_chunk = context_length - 2
+    return max(1, -(-body // per_chunk))
+
+
+def tokenize_chunks(prompts: list[str], pad_token: int, chunks: int, context_length: int = 77) -> Tensor:
+    """Token ids (b, chunks, context_length) for long prompts: the BPE tokens cut into runs of
+    ``context_length - 2``, each run wrapped in start/end tokens and padded; prompts with fewer runs get
+    empty windows (start, end, padding), so a batch shares one length. Tokens beyond ``chunks`` windows are
+    an error: the caller sizes ``chunks`` with :func:`chunk_count`."""
+    bpe = _bpe()
+    per_chunk = context_length - 2
+    ids = torch.full((len(prompts), chunks, context_length), pad_token, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        body = encode(prompt)[1:-1]
+        if len(body) > chunks * per_chunk:
+            raise ValueError(
+                f"prompt {row} needs {chunk_count(prompt, context_length)} windows, only {chunks} given"
+            )
+        for chunk in range(chunks):
+            window = [bpe.sot_token_id, *body[chunk * per_chunk : (chunk + 1) * per_chunk], bpe.eot_token_id]
+            ids[row, chunk, : len(window)] = torch.tensor(window)
+    return ids

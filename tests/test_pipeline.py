@@ -20,7 +20,7 @@ from ldm_inpaint.config import ModelConfig, load_config
 from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.pipeline import InpaintPipeline, start_noise
 from ldm_inpaint.random_weights import random_checkpoint
-from ldm_inpaint.tokenizer import tokenize
+from ldm_inpaint.tokenizer import chunk_count, tokenize
 
 from .conftest import FULL_CONFIGS, TINY_CONFIGS
 from .oracles import (
@@ -215,3 +215,25 @@ def test_empty_mask_returns_the_image(tiny_pipeline: InpaintPipeline) -> None:
         result = tiny_pipeline(image, Image.new("L", (64, 64), 0), PROMPT, n_samples=2)
     assert result.steps_taken == 0
     assert result.to_pil()[1].tobytes() == image.tobytes()
+
+
+LONG_PROMPT = "a very detailed oil painting of a lighthouse on a cliff above a stormy sea at dusk, " * 8
+
+
+def test_truncation_warns_and_long_prompts_keep_every_token(tiny_pipeline: InpaintPipeline) -> None:
+    text = tiny_pipeline.model.cond_stage_model
+    with pytest.warns(UserWarning, match="token\\(s\\) dropped"):
+        truncated = text([LONG_PROMPT])
+    assert chunk_count(LONG_PROMPT) == 2  # 144 BPE tokens: two 75-token windows
+    long = text([LONG_PROMPT, "a cat"], chunks=3)
+    assert long.shape == (2, 3 * 77, truncated.shape[-1])
+    # Window 0 of the long prompt is the truncated encoding's first 76 tokens plus its own end token.
+    assert torch.equal(long[:1, :76], truncated[:, :76])
+    # A short prompt's first window is exactly its ordinary encoding; the rest are empty windows.
+    assert torch.equal(long[1:, :77], text(["a cat"]))
+    assert torch.equal(long[1:, 77:154], text([""]))
+
+
+def test_long_prompt_run_pads_the_negative_prompt_to_the_same_windows(tiny_pipeline: InpaintPipeline) -> None:
+    result = tiny_pipeline(sample_image(64), sample_mask(64), LONG_PROMPT, steps=2, long_prompts=True)
+    assert torch.isfinite(result.latents).all()

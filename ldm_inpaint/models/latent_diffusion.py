@@ -7,6 +7,7 @@ as it is (SD1's text encoder keys go through the one table in ``models.clip`` fi
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from ldm_inpaint.models.autoencoder import AutoencoderKL
 from ldm_inpaint.models.clip import TextTransformer
 from ldm_inpaint.models.unet import UNetModel
-from ldm_inpaint.tokenizer import tokenize
+from ldm_inpaint.tokenizer import tokenize, tokenize_chunks
 
 if TYPE_CHECKING:
     from ldm_inpaint.config import ModelConfig
@@ -30,9 +31,26 @@ class TextConditioner(nn.Module):
         self.params = params
         self.model = TextTransformer(params)
 
-    def forward(self, prompts: list[str]) -> Tensor:
-        tokens = tokenize(prompts, pad_token=self.params.pad_token, context_length=self.params.context_length)
-        return self.model(tokens.ids.to(self.model.token_embedding.weight.device))
+    def forward(self, prompts: list[str], chunks: int | None = None) -> Tensor:
+        """Contexts (b, 77, width), the original truncation (with a warning when text is cut); or, with
+        ``chunks``, long-prompt contexts (b, chunks * 77, width): each 75-token window encoded on its own,
+        wrapped in start/end tokens, and the windows concatenated along the sequence."""
+        device = self.model.token_embedding.weight.device
+        length = self.params.context_length
+        if chunks is None:
+            tokens = tokenize(prompts, pad_token=self.params.pad_token, context_length=length)
+            for prompt, cut in zip(prompts, tokens.truncated, strict=True):
+                if cut:
+                    warnings.warn(
+                        f"prompt cut to {length} tokens, {cut} token(s) dropped (use long prompts to keep them): "
+                        f"{prompt[:60]!r}...",
+                        stacklevel=2,
+                    )
+            return self.model(tokens.ids.to(device))
+        ids = tokenize_chunks(prompts, pad_token=self.params.pad_token, chunks=chunks, context_length=length)
+        # (b, chunks, 77) -> (b * chunks, 77) -> (b * chunks, 77, width) -> (b, chunks * 77, width)
+        context = self.model(ids.flatten(0, 1).to(device))
+        return context.reshape(len(prompts), chunks * length, -1)
 
 
 class LatentDiffusion(nn.Module):
