@@ -14,6 +14,8 @@ from torch import Tensor
 
 from ldm_inpaint.denoiser import Denoiser
 from ldm_inpaint.samplers.ddim import ddim
+from ldm_inpaint.samplers.dpm_solver import dpmpp_2m, dpmpp_2m_karras, dpmpp_2s_ancestral
+from ldm_inpaint.samplers.euler_heun import euler, euler_ancestral, heun
 from ldm_inpaint.samplers.plms import plms
 
 
@@ -38,8 +40,30 @@ class Sampler(Protocol):
     ) -> Tensor: ...
 
 
-SAMPLERS: dict[str, Sampler] = {"ddim": ddim, "plms": plms}
-# Samplers that inject no noise and therefore take only eta = 0.
-NOISE_FREE: frozenset[str] = frozenset({"plms"})
+SAMPLERS: dict[str, Sampler] = {
+    "ddim": ddim,
+    "plms": plms,
+    "euler": euler,
+    "euler_ancestral": euler_ancestral,
+    "heun": heun,
+    "dpmpp_2m": dpmpp_2m,
+    "dpmpp_2m_karras": dpmpp_2m_karras,
+    "dpmpp_2s_ancestral": dpmpp_2s_ancestral,
+}
+# Samplers that inject no noise and therefore take only eta = 0. The others read eta as a noise scale: for
+# ddim 1 is DDPM-like, for the ancestral ones 1 is the standard sampler, and 0 makes each deterministic.
+NOISE_FREE: frozenset[str] = frozenset({"plms", "euler", "heun", "dpmpp_2m", "dpmpp_2m_karras"})
 
-__all__ = ["NOISE_FREE", "SAMPLERS", "Sampler", "ddim", "plms"]
+__all__ = [
+    "NOISE_FREE",
+    "SAMPLERS",
+    "Sampler",
+    "ddim",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "dpmpp_2s_ancestral",
+    "euler",
+    "euler_ancestral",
+    "heun",
+    "plms",
+]
