@@ -20,6 +20,7 @@ from ldm_inpaint.config import ModelConfig, load_config
 from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.pipeline import InpaintPipeline, start_noise
 from ldm_inpaint.random_weights import random_checkpoint
+from ldm_inpaint.samplers import NOISE_FREE, SAMPLERS
 from ldm_inpaint.tokenizer import chunk_count, tokenize
 
 from .conftest import FULL_CONFIGS, TINY_CONFIGS
@@ -237,3 +238,10 @@ def test_truncation_warns_and_long_prompts_keep_every_token(tiny_pipeline: Inpai
 def test_long_prompt_run_pads_the_negative_prompt_to_the_same_windows(tiny_pipeline: InpaintPipeline) -> None:
     result = tiny_pipeline(sample_image(64), sample_mask(64), LONG_PROMPT, steps=2, long_prompts=True)
     assert torch.isfinite(result.latents).all()
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_runs_end_to_end(tiny_pipeline: InpaintPipeline, sampler: str) -> None:
+    eta = 0.0 if sampler in NOISE_FREE else 1.0
+    result = tiny_pipeline(sample_image(64), sample_mask(64), PROMPT, sampler=sampler, steps=3, eta=eta, seed=1)
+    assert result.steps_taken >= 3 and torch.isfinite(result.latents).all()
