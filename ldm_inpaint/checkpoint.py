@@ -271,7 +271,8 @@ def apply_ema(sorted_: SortedEntries) -> dict[str, Tensor]:
 
 def check_schedule(entries: Mapping[str, object], config: ModelConfig) -> None:
     """A file's stored ``alphas_cumprod`` (if any) must match the config's schedule — a free check that the
-    config fits the file. fp16 files store it rounded, hence the dtype-dependent tolerance."""
+    config fits the file. Half-precision files store it rounded, hence a tolerance well above rounding and
+    far below the difference between real schedules."""
     stored = entries.get("alphas_cumprod")
     if not isinstance(stored, Tensor):
         return
@@ -281,7 +282,7 @@ def check_schedule(entries: Mapping[str, object], config: ModelConfig) -> None:
             f"the file's DDPM schedule has {stored.shape[0] if stored.ndim else 0} timesteps, config "
             f"{config.name!r} has {expected.shape[0]}"
         )
-    tolerance = 1e-6 if stored.dtype in (torch.float32, torch.float64) else 2e-3
+    tolerance = 8e-3  # bf16 rounding (2**-7); files converted from fp16/bf16 may store the rounded values
     error = ((stored.double() - expected) / expected).abs().max().item()
     if error > tolerance:
         raise CheckpointError(
