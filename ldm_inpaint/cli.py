@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,8 +17,10 @@ from ldm_inpaint.checkpoint import load_model, sha256_file
 from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.pipeline import InpaintPipeline, check_options
 from ldm_inpaint.samplers import SAMPLERS
+from ldm_inpaint.tools import convert_main, inspect_main
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+VAE_TILING = {"auto": None, "on": True, "off": False}
 
 
 def _positive_int(text: str) -> int:
@@ -50,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--prompt", default="", help="text prompt")
     parser.add_argument(
+        "--long-prompts",
+        action="store_true",
+        help="encode text beyond 75 tokens in extra windows (default: truncate, as the original)",
+    )
+    parser.add_argument(
         "--negative-prompt", default="", help="what to steer away from (default: empty prompt)"
     )
     parser.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="sampler (default ddim)")
@@ -57,7 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)"
     )
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 = original demo")
+    parser.add_argument(
+        "--eta",
+        type=float,
+        default=0.0,
+        help="injected noise: DDIM eta (0 deterministic, 1 as the original demos); 1 is the standard form of "
+        "the ancestral samplers; the other samplers need 0",
+    )
     parser.add_argument("--seed", type=int, default=42, help="seed of the start noise (default 42)")
     parser.add_argument("--n-samples", type=_positive_int, default=1, help="samples per image (default 1)")
     parser.add_argument("--height", type=_positive_int, help="resize the input to this height first")
@@ -65,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
         "--precision", default="fp32", choices=sorted(PRECISIONS), help="weights/compute dtype"
+    )
+    parser.add_argument(
+        "--vae-tiling",
+        default="auto",
+        choices=list(VAE_TILING),
+        help="run the VAE in overlapping 512-pixel tiles (less memory); auto: above 1024 pixels",
     )
     parser.add_argument(
         "--outdir", type=Path, default=Path("outputs"), help="output folder (default outputs/)"
@@ -119,6 +139,8 @@ def _run_pair(
             n_samples=args.n_samples,
             height=args.height,
             width=args.width,
+            long_prompts=args.long_prompts,
+            vae_tiling=VAE_TILING[args.vae_tiling],
             callback=progress,
         )
     written = []
@@ -135,6 +157,8 @@ def _run_pair(
             "scale": str(args.scale),
             "eta": str(args.eta),
             "precision": args.precision,
+            "vae_tiling": args.vae_tiling,
+            "long_prompts": str(args.long_prompts),
             "image": str(image_path),
             "mask": str(mask_path),
         }
@@ -146,10 +170,15 @@ def _run_pair(
 
 
 # Subcommands: ``ldm-inpaint NAME ...``; anything else is the inpainting command itself.
-SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {}
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"convert": convert_main, "inspect": inspect_main}
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"ldm-inpaint: warning: {message}\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:])

@@ -44,6 +44,7 @@ class ModelConfig:
     scale_factor: float
     parameterization: Literal["eps", "v"]
     conditioning_key: Literal["hybrid", "crossattn"]
+    image_size: int = 64  # latent side the model was trained at (64 -> 512 px; 96 -> 768 px for SD2-v)
 
     @property
     def is_inpainting(self) -> bool:
@@ -85,7 +86,6 @@ _RUNTIME_KEYS = {
         "log_every_t",
         "first_stage_key",
         "cond_stage_key",
-        "image_size",
         "channels",
         "cond_stage_trainable",
         "monitor",
@@ -279,6 +279,7 @@ def parse_config(raw: Mapping[str, Any], name: str) -> ModelConfig:
         "parameterization",
         "conditioning_key",
         "beta_schedule",
+        "image_size",
         "unet_config",
         "first_stage_config",
         "cond_stage_config",
@@ -316,6 +317,7 @@ def parse_config(raw: Mapping[str, Any], name: str) -> ModelConfig:
         scale_factor=float(params.get("scale_factor", 1.0)),
         parameterization=parameterization,
         conditioning_key=conditioning_key,
+        image_size=int(params.get("image_size", 64)),
     )
 
 

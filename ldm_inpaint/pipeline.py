@@ -16,6 +16,7 @@ Conditioning follows the original RunwayML / Stability AI inpainting scripts exa
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,10 +33,18 @@ from ldm_inpaint.checkpoint import load_model
 from ldm_inpaint.config import ModelConfig
 from ldm_inpaint.denoiser import make_denoiser
 from ldm_inpaint.errors import LdmInpaintError
+from ldm_inpaint.models.autoencoder import AutoencoderKL
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
+from ldm_inpaint.models.tiling import decode_tiled, encode_tiled
 from ldm_inpaint.samplers import NOISE_FREE, SAMPLERS
 from ldm_inpaint.schedule import alphas_cumprod
 from ldm_inpaint.tokenizer import chunk_count
+
+# Above this latent side (1024 pixels for SD) the VAE runs in overlapping tiles unless told otherwise
+# (``models.tiling``). Measured on CPU in float32: an untiled decode takes 3.8 GB on top of the weights at
+# 1024x1024 and grows with the pixel count (about 15 GB at 2048x2048); in 512-pixel tiles it takes 1.0 GB at
+# any size. Tiling is not free (tiles see only themselves, see ``models.tiling``), so it is left off below.
+AUTO_TILING_LATENT_SIDE = 128
 
 
 @dataclass
@@ -64,6 +73,15 @@ def _as_mask_tensor(mask: Image | Tensor) -> Tensor:
     if isinstance(mask, Image):
         return image_io.mask_to_tensor(mask)
     return (mask.float() >= 0.5).float()
+
+
+def _use_tiling(latent_size: Sequence[int], tile: bool | None) -> bool:
+    return max(latent_size) > AUTO_TILING_LATENT_SIDE if tile is None else tile
+
+
+def _float32_copy(vae: AutoencoderKL) -> AutoencoderKL:
+    """A float32 twin of ``vae`` (the same weights, upcast exactly: about 330 MB for SD's VAE)."""
+    return copy.deepcopy(vae).float()
 
 
 def check_options(
@@ -120,17 +138,43 @@ class InpaintPipeline:
         """CLIP contexts (n, 77, width) for a list of prompts; (n, chunks * 77, width) with ``chunks``."""
         return self.model.cond_stage_model(list(prompts), chunks)
 
-    def encode_masked_image(self, image: Tensor, mask: Tensor) -> Tensor:
-        """The masked image's VAE posterior mean times the scale factor, (b, 4, h/8, w/8)."""
-        vae = self.model.first_stage_model
-        masked_image = image * (mask < 0.5)
-        posterior = vae.encode(masked_image.to(device=self.model.device, dtype=self.model.dtype))
-        return posterior.mean * self.config.scale_factor
+    def encode_masked_image(self, image: Tensor, mask: Tensor, tile: bool | None = None) -> Tensor:
+        """The masked image's VAE posterior mean times the scale factor, (b, 4, h/8, w/8), in the model's
+        dtype. ``tile``: encode in overlapping tiles (``models.tiling``); None: when a side of the latent
+        exceeds :data:`AUTO_TILING_LATENT_SIDE`."""
+        masked_image = (image * (mask < 0.5)).to(device=self.model.device, dtype=self.model.dtype)
+        latent_size = [side // self.latent_factor for side in masked_image.shape[-2:]]
+        if _use_tiling(latent_size, tile):
+            mean = self._run_vae(encode_tiled, masked_image, "encoding")
+        else:
+            mean = self._run_vae(lambda vae, x: vae.encode(x).mean, masked_image, "encoding")
+        return (mean * self.config.scale_factor).to(self.model.dtype)
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """Latents -> images in [-1, 1] (unclamped)."""
+    def decode(self, latents: Tensor, tile: bool | None = None) -> Tensor:
+        """Latents -> float32 images in [-1, 1] (unclamped). ``tile``: decode in overlapping tiles
+        (``models.tiling``); None: when a side of the latent exceeds :data:`AUTO_TILING_LATENT_SIDE`."""
+        if not torch.isfinite(latents).all():
+            raise LdmInpaintError(
+                f"the sampler produced non-finite latents (NaN/inf) in {self.model.dtype}; "
+                "in float16 the UNet can overflow: use bf16 or fp32"
+            )
+        z = (latents / self.config.scale_factor).to(device=self.model.device, dtype=self.model.dtype)
+        run = decode_tiled if _use_tiling(z.shape[-2:], tile) else AutoencoderKL.decode
+        return self._run_vae(run, z, "decoding").float()
+
+    def _run_vae(self, run: Callable[[AutoencoderKL, Tensor], Tensor], x: Tensor, what: str) -> Tensor:
+        """``run(vae, x)``. Half precision can overflow in the VAE (inf, then NaN): if the result is not
+        finite, it is computed again with a float32 copy of the VAE, with one warning. Never returns a
+        non-finite result."""
         vae = self.model.first_stage_model
-        return vae.decode((latents / self.config.scale_factor).to(self.model.dtype)).float()
+        out = run(vae, x)
+        if out.dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(out).all():
+            half = str(out.dtype).removeprefix("torch.")
+            warnings.warn(f"VAE {what} gave NaN/inf in {half} (overflow): redone in float32", stacklevel=3)
+            out = run(_float32_copy(vae), x.float())
+        if not torch.isfinite(out).all():
+            raise LdmInpaintError(f"VAE {what} produced non-finite values (NaN/inf) in {out.dtype}")
+        return out
 
     @torch.inference_mode()
     def __call__(
@@ -150,13 +194,15 @@ class InpaintPipeline:
         width: int | None = None,
         start_latent: Tensor | None = None,
         long_prompts: bool = False,
+        vae_tiling: bool | None = None,
         callback: Callable[[int, int], None] | None = None,
     ) -> InpaintResult:
         """Inpaint ``image`` where ``mask`` is white. ``prompt`` is one string or one per sample; images and
         masks are PIL images or tensors ((1, 3, H, W) in [-1, 1] and (1, 1, H, W) in [0, 1]). ``height`` /
         ``width`` resize the input first; sides that are not multiples of :attr:`size_multiple` (64 for SD) are
         edge-padded and the result cropped back. ``long_prompts`` encodes text beyond 75 tokens in extra
-        77-token windows instead of truncating it (the original truncates)."""
+        77-token windows instead of truncating it (the original truncates). ``vae_tiling`` runs the VAE in
+        overlapping tiles (True), in one piece (False) or in tiles above :data:`AUTO_TILING_LATENT_SIDE` (None)."""
         check_options(sampler, steps, guidance_scale, eta, n_samples, self.config.schedule.timesteps)
         if not self.config.is_inpainting:
             raise LdmInpaintError(
@@ -182,13 +228,13 @@ class InpaintPipeline:
         device, dtype = self.model.device, self.model.dtype
         if not mask.any():
             warnings.warn("the mask is empty (nothing to repaint): returning the input image", stacklevel=2)
-            latent = self.encode_masked_image(image, mask).float().cpu()
+            latent = self.encode_masked_image(image, mask, vae_tiling).float().cpu()
             return InpaintResult(
                 images=image_io.crop(image, out_size).expand(n_samples, -1, -1, -1).clone(),
                 latents=latent.expand(n_samples, -1, -1, -1).clone(),
                 steps_taken=0,
             )
-        masked_latent = self.encode_masked_image(image, mask)
+        masked_latent = self.encode_masked_image(image, mask, vae_tiling)
         mask_latent = F.interpolate(mask, size=latent_size, mode="nearest").to(device=device, dtype=dtype)
         concat = torch.cat([mask_latent, masked_latent], dim=1).expand(n_samples, -1, -1, -1)
         # Long prompts: every context (prompt and negative) gets the same number of 75-token windows.
@@ -229,5 +275,5 @@ class InpaintPipeline:
             generator=generator,
             callback=on_step,
         )
-        images = image_io.crop(self.decode(latents), out_size)
+        images = image_io.crop(self.decode(latents, vae_tiling), out_size)
         return InpaintResult(images=images.cpu(), latents=latents.float().cpu(), steps_taken=steps_taken)

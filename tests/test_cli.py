@@ -3,6 +3,7 @@ mode that carries on past a bad pair, and one clear error line for bad input."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +145,16 @@ def test_bad_paths_and_sizes(checkpoint: Path, tmp_path: Path, capsys) -> None:
     assert "--resize-mask" in capsys.readouterr().err
     resized = [*base_args(checkpoint, out), "--image", str(image), "--mask", str(small_mask), "--resize-mask"]
     assert main(resized) == 0
+
+
+def test_long_prompt_warns_or_is_kept(checkpoint: Path, tmp_path: Path) -> None:
+    image, mask = write_pair(tmp_path / "in", "long")
+    long_prompt = "a very detailed oil painting of a lighthouse above a stormy sea, " * 8
+    args = [*base_args(checkpoint, tmp_path / "out"), "--image", str(image), "--mask", str(mask)]
+    args[args.index("a red bench")] = long_prompt
+    with pytest.warns(UserWarning, match="prompt cut to 77 tokens"):
+        assert main(args) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main([*args, "--long-prompts"]) == 0
+    assert read_png_metadata(tmp_path / "out" / "long-00001.png")["long_prompts"] == "True"

@@ -243,5 +243,7 @@ def test_long_prompt_run_pads_the_negative_prompt_to_the_same_windows(tiny_pipel
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_every_sampler_runs_end_to_end(tiny_pipeline: InpaintPipeline, sampler: str) -> None:
     eta = 0.0 if sampler in NOISE_FREE else 1.0
-    result = tiny_pipeline(sample_image(64), sample_mask(64), PROMPT, sampler=sampler, steps=3, eta=eta, seed=1)
+    result = tiny_pipeline(
+        sample_image(64), sample_mask(64), PROMPT, sampler=sampler, steps=3, eta=eta, seed=1
+    )
     assert result.steps_taken >= 3 and torch.isfinite(result.latents).all()

@@ -73,6 +73,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
+        self.attention_slice: int | None = None  # see attention.set_attention_slicing
         self.norm = group_norm(channels)
         self.q = nn.Conv2d(channels, channels, kernel_size=1)
         self.k = nn.Conv2d(channels, channels, kernel_size=1)
@@ -84,7 +85,7 @@ class AttnBlock(nn.Module):
         h = self.norm(x)
         # (b, c, h, w) -> (b, h*w, c), one token per pixel
         q, k, v = (rearrange(proj(h), "b c h w -> b (h w) c") for proj in (self.q, self.k, self.v))
-        out = attention(q, k, v, heads=1)
+        out = attention(q, k, v, heads=1, slice_size=self.attention_slice)
         # (b, h*w, c) -> (b, c, h, w)
         out = rearrange(out, "b (h w) c -> b c h w", h=height)
         return x + self.proj_out(out)

@@ -61,13 +61,15 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
 
 
 class GroupNorm32(nn.GroupNorm):
-    """The original ``normalization()``: 32 groups, eps 1e-5, computed in fp32 whatever the input dtype."""
+    """The original ``normalization()``: 32 groups, eps 1e-5, computed in fp32 whatever the input dtype (the
+    affine parameters too: a model cast to half precision holds them in half)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__(32, channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        weight, bias = self.weight.float(), self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 class ResBlock(nn.Module):
@@ -131,6 +133,7 @@ class CrossAttention(nn.Module):
         super().__init__()
         inner_dim = heads * dim_head
         self.heads = heads
+        self.attention_slice: int | None = None  # see attention.set_attention_slicing
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
@@ -140,7 +143,8 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context
         # (b, n, query_dim), (b, m, context_dim) -> (b, n, heads * dim_head)
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        out = attention(q, k, v, self.heads, slice_size=self.attention_slice)
         return self.to_out(out)
 
 
