@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ldm_inpaint import __version__, image_io
 from ldm_inpaint.checkpoint import load_model, sha256_file
 from ldm_inpaint.errors import LdmInpaintError
-from ldm_inpaint.pipeline import InpaintPipeline, check_options
+from ldm_inpaint.pipeline import InpaintPipeline, check_controls, check_options
 from ldm_inpaint.samplers import SAMPLERS
 from ldm_inpaint.tools import convert_main, inspect_main
 
@@ -86,6 +86,36 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(VAE_TILING),
         help="run the VAE in overlapping 512-pixel tiles (less memory); auto: above 1024 pixels",
     )
+    controls = parser.add_argument_group(
+        "inpainting controls (off by default: a plain run is the original's)"
+    )
+    controls.add_argument(
+        "--mask-grow", type=int, default=0, metavar="PX", help="dilate the mask by PX pixels"
+    )
+    controls.add_argument(
+        "--mask-blur",
+        type=float,
+        default=0.0,
+        metavar="PX",
+        help="soften the paste-back edge (Gaussian sigma, px)",
+    )
+    controls.add_argument(
+        "--mask-mode",
+        default="nearest",
+        choices=["nearest", "max"],
+        help="mask to latent size: nearest (original) or max (any repainted pixel marks its cell)",
+    )
+    controls.add_argument(
+        "--paste-back",
+        action="store_true",
+        help="keep the original pixels outside the (blurred) mask exactly",
+    )
+    controls.add_argument(
+        "--crop-to-mask",
+        type=int,
+        metavar="PADDING",
+        help="inpaint only the box around the mask (+PADDING px) at the model's native size, pasted back",
+    )
     parser.add_argument(
         "--outdir", type=Path, default=Path("outputs"), help="output folder (default outputs/)"
     )
@@ -101,6 +131,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error("--mask goes with --image; in --batch mode masks come from the folder or list")
     try:
         check_options(args.sampler, args.steps, args.scale, args.eta)
+        check_controls(args.mask_grow, args.mask_blur, args.paste_back, args.crop_to_mask)
     except LdmInpaintError as error:
         parser.error(str(error))
     if not args.ckpt.is_file():
@@ -140,6 +171,11 @@ def _run_pair(
             height=args.height,
             width=args.width,
             long_prompts=args.long_prompts,
+            mask_grow=args.mask_grow,
+            mask_blur=args.mask_blur,
+            mask_mode=args.mask_mode,
+            paste_back=args.paste_back,
+            crop_to_mask=args.crop_to_mask,
             vae_tiling=VAE_TILING[args.vae_tiling],
             callback=progress,
         )
@@ -159,6 +195,11 @@ def _run_pair(
             "precision": args.precision,
             "vae_tiling": args.vae_tiling,
             "long_prompts": str(args.long_prompts),
+            "mask_grow": str(args.mask_grow),
+            "mask_blur": str(args.mask_blur),
+            "mask_mode": args.mask_mode,
+            "paste_back": str(args.paste_back),
+            "crop_to_mask": str(args.crop_to_mask),
             "image": str(image_path),
             "mask": str(mask_path),
         }

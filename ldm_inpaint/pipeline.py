@@ -20,6 +20,7 @@ import copy
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,12 @@ import torch.nn.functional as F
 from PIL.Image import Image
 from torch import Tensor
 
-from ldm_inpaint import image_io
+from ldm_inpaint import image_io, masks
 from ldm_inpaint.checkpoint import load_model
 from ldm_inpaint.config import ModelConfig
 from ldm_inpaint.denoiser import make_denoiser
 from ldm_inpaint.errors import LdmInpaintError
+from ldm_inpaint.masks import MaskMode
 from ldm_inpaint.models.autoencoder import AutoencoderKL
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 from ldm_inpaint.models.tiling import decode_tiled, encode_tiled
@@ -75,6 +77,11 @@ def _as_mask_tensor(mask: Image | Tensor) -> Tensor:
     return (mask.float() >= 0.5).float()
 
 
+def _composite(original: Tensor, painted: Tensor, alpha: Tensor) -> Tensor:
+    """``painted`` where ``alpha`` is 1, ``original`` where it is 0, blended in between."""
+    return original * (1 - alpha) + painted * alpha
+
+
 def _use_tiling(latent_size: Sequence[int], tile: bool | None) -> bool:
     return max(latent_size) > AUTO_TILING_LATENT_SIDE if tile is None else tile
 
@@ -100,6 +107,18 @@ def check_options(
         raise LdmInpaintError(f"eta must be in [0, 1], found {eta}")
     if n_samples < 1:
         raise LdmInpaintError(f"number of samples must be >= 1, found {n_samples}")
+
+
+def check_controls(mask_grow: int, mask_blur: float, paste_back: bool, crop_to_mask: int | None) -> None:
+    """Reject inconsistent inpainting controls before any work is done."""
+    if mask_grow < 0 or mask_blur < 0 or (crop_to_mask is not None and crop_to_mask < 0):
+        raise LdmInpaintError(
+            f"mask grow, mask blur and crop padding must be >= 0, found {mask_grow}, {mask_blur}, {crop_to_mask}"
+        )
+    if mask_blur and not (paste_back or crop_to_mask is not None):
+        raise LdmInpaintError(
+            "mask blur softens the paste-back composite: use it with paste-back or crop-to-mask"
+        )
 
 
 class InpaintPipeline:
@@ -195,20 +214,39 @@ class InpaintPipeline:
         start_latent: Tensor | None = None,
         long_prompts: bool = False,
         vae_tiling: bool | None = None,
+        mask_grow: int = 0,
+        mask_blur: float = 0.0,
+        mask_mode: MaskMode = "nearest",
+        paste_back: bool = False,
+        crop_to_mask: int | None = None,
         callback: Callable[[int, int], None] | None = None,
     ) -> InpaintResult:
         """Inpaint ``image`` where ``mask`` is white. ``prompt`` is one string or one per sample; images and
-        masks are PIL images or tensors ((1, 3, H, W) in [-1, 1] and (1, 1, H, W) in [0, 1]). ``height`` /
-        ``width`` resize the input first; sides that are not multiples of :attr:`size_multiple` (64 for SD) are
-        edge-padded and the result cropped back. ``long_prompts`` encodes text beyond 75 tokens in extra
-        77-token windows instead of truncating it (the original truncates). ``vae_tiling`` runs the VAE in
-        overlapping tiles (True), in one piece (False) or in tiles above :data:`AUTO_TILING_LATENT_SIDE` (None)."""
+        masks are PIL images or tensors ((1, 3, H, W) in [-1, 1] and (1, 1, H, W) in [0, 1]).
+
+        - ``height`` / ``width`` resize the input first; sides that are not multiples of
+          :attr:`size_multiple` (64 for SD) are edge-padded and the result cropped back.
+        - ``long_prompts`` encodes text beyond 75 tokens in extra 77-token windows instead of truncating it
+          (the original truncates).
+        - ``vae_tiling`` runs the VAE in overlapping tiles (True), in one piece (False) or in tiles above
+          :data:`AUTO_TILING_LATENT_SIDE` (None).
+
+        Inpainting controls, all off by default (a plain run is the original's):
+
+        - ``mask_grow`` dilates the mask by that many pixels; ``mask_mode`` "max" marks a latent cell for
+          repainting when any of its pixels is (the original: "nearest");
+        - ``paste_back`` composites the original pixels outside the mask over the result, with the mask
+          blurred by ``mask_blur`` pixels (Gaussian sigma) as alpha, so the unmasked region is kept exactly;
+        - ``crop_to_mask`` inpaints only the box around the mask grown by that many pixels, resized to the
+          model's native size (512 for SD), and pastes it back into the full image (always composited).
+        """
         check_options(sampler, steps, guidance_scale, eta, n_samples, self.config.schedule.timesteps)
         if not self.config.is_inpainting:
             raise LdmInpaintError(
                 f"config {self.config.name!r} is a text-to-image model (4-channel UNet); the inpainting pipeline "
                 "needs an inpainting checkpoint (9-channel UNet)"
             )
+        check_controls(mask_grow, mask_blur, paste_back, crop_to_mask)
         prompts = [prompt] * n_samples if isinstance(prompt, str) else list(prompt)
         if len(prompts) != n_samples:
             raise LdmInpaintError(f"expected 1 or {n_samples} prompts (one per sample), found {len(prompts)}")
@@ -217,17 +255,93 @@ class InpaintPipeline:
             raise LdmInpaintError(
                 f"image is {tuple(image.shape[-2:])} (h, w) but mask is {tuple(mask.shape[-2:])}; resize the mask"
             )
+        mask = masks.grow(mask, mask_grow)
+        inpaint = partial(
+            self._inpaint,
+            prompts=prompts,
+            negative_prompt=negative_prompt,
+            sampler=sampler,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            seed=seed,
+            start_latent=start_latent,
+            long_prompts=long_prompts,
+            vae_tiling=vae_tiling,
+            mask_mode=mask_mode,
+            callback=callback,
+        )
+        if crop_to_mask is not None:
+            return self._inpaint_box(inpaint, image, mask, crop_to_mask, mask_blur)
         if height is not None or width is not None:
             size = (height or image.shape[-2], width or image.shape[-1])
             image = F.interpolate(image, size=size, mode="bicubic", antialias=True, align_corners=False)
             mask = F.interpolate(mask, size=size, mode="nearest")
+        result = inpaint(image, mask)
+        if paste_back:
+            result.images = _composite(image, result.images, masks.blur(mask, mask_blur))
+        return result
+
+    def native_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) with the longer side at the model's training size (512 for SD) and the aspect ratio kept,
+        both multiples of :attr:`size_multiple`."""
+        native = self.config.image_size * self.latent_factor
+        scale = native / max(height, width)
+        step = self.size_multiple
+        return tuple(max(step, round(side * scale / step) * step) for side in (height, width))
+
+    def _inpaint_box(
+        self,
+        inpaint: Callable[[Tensor, Tensor], InpaintResult],
+        image: Tensor,
+        mask: Tensor,
+        padding: int,
+        blur: float,
+    ) -> InpaintResult:
+        """Inpaint the padded box around the mask at the native size and composite it into the full image."""
+        box = masks.bounding_box(mask, padding)
+        if box is None:
+            return inpaint(image, mask)
+        top, left, bottom, right = box
+        box_image, box_mask = image[..., top:bottom, left:right], mask[..., top:bottom, left:right]
+        size = self.native_size(bottom - top, right - left)
+        result = inpaint(
+            F.interpolate(box_image, size=size, mode="bicubic", antialias=True, align_corners=False),
+            F.interpolate(box_mask, size=size, mode="nearest"),
+        )
+        # (n, 3, native h, native w) -> (n, 3, box h, box w)
+        painted = F.interpolate(result.images, size=box_image.shape[-2:], mode="bicubic", antialias=True)
+        images = image.expand(len(painted), -1, -1, -1).clone()
+        images[..., top:bottom, left:right] = _composite(box_image, painted, masks.blur(box_mask, blur))
+        return InpaintResult(images=images, latents=result.latents, steps_taken=result.steps_taken)
+
+    def _inpaint(
+        self,
+        image: Tensor,
+        mask: Tensor,
+        *,
+        prompts: list[str],
+        negative_prompt: str,
+        sampler: str,
+        steps: int,
+        guidance_scale: float,
+        eta: float,
+        seed: int,
+        start_latent: Tensor | None,
+        long_prompts: bool,
+        vae_tiling: bool | None,
+        mask_mode: MaskMode,
+        callback: Callable[[int, int], None] | None,
+    ) -> InpaintResult:
+        """The original inpainting run on (1, 3, H, W) / (1, 1, H, W) tensors of the final size."""
+        n_samples = len(prompts)
         image, out_size = image_io.pad_to_multiple(image, self.size_multiple)
         mask, _ = image_io.pad_to_multiple(mask, self.size_multiple)
         latent_size = (image.shape[-2] // self.latent_factor, image.shape[-1] // self.latent_factor)
 
         device, dtype = self.model.device, self.model.dtype
         if not mask.any():
-            warnings.warn("the mask is empty (nothing to repaint): returning the input image", stacklevel=2)
+            warnings.warn("the mask is empty (nothing to repaint): returning the input image", stacklevel=3)
             latent = self.encode_masked_image(image, mask, vae_tiling).float().cpu()
             return InpaintResult(
                 images=image_io.crop(image, out_size).expand(n_samples, -1, -1, -1).clone(),
@@ -235,7 +349,7 @@ class InpaintPipeline:
                 steps_taken=0,
             )
         masked_latent = self.encode_masked_image(image, mask, vae_tiling)
-        mask_latent = F.interpolate(mask, size=latent_size, mode="nearest").to(device=device, dtype=dtype)
+        mask_latent = masks.to_latent(mask, latent_size, mask_mode).to(device=device, dtype=dtype)
         concat = torch.cat([mask_latent, masked_latent], dim=1).expand(n_samples, -1, -1, -1)
         # Long prompts: every context (prompt and negative) gets the same number of 75-token windows.
         chunks = max(chunk_count(text) for text in [*prompts, negative_prompt]) if long_prompts else None

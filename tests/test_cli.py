@@ -114,6 +114,8 @@ def test_batch_goes_on_past_a_bad_pair_and_fails_at_the_end(checkpoint: Path, tm
         (["--eta", "1.5"], "eta must be in [0, 1]"),
         (["--steps", "many"], "invalid int value: 'many'"),
         (["--n-samples", "0"], "expected a positive integer"),
+        (["--mask-blur", "3"], "use it with paste-back or crop-to-mask"),
+        (["--crop-to-mask", "-5"], "must be >= 0"),
     ],
 )
 def test_bad_numbers_are_one_line_errors(checkpoint: Path, tmp_path: Path, capsys, extra, message) -> None:
@@ -158,3 +160,22 @@ def test_long_prompt_warns_or_is_kept(checkpoint: Path, tmp_path: Path) -> None:
         warnings.simplefilter("error")
         assert main([*args, "--long-prompts"]) == 0
     assert read_png_metadata(tmp_path / "out" / "long-00001.png")["long_prompts"] == "True"
+
+
+def test_inpainting_controls_reach_the_pipeline_and_the_metadata(checkpoint: Path, tmp_path: Path) -> None:
+    image, mask = write_pair(tmp_path / "in", "ctl", size=(128, 96))
+    args = [*base_args(checkpoint, tmp_path / "out"), "--image", str(image), "--mask", str(mask)]
+    controls = ["--mask-grow", "2", "--mask-blur", "1.5", "--mask-mode", "max", "--crop-to-mask", "8"]
+    assert main([*args, *controls]) == 0
+    png = tmp_path / "out" / "ctl-00000.png"
+    meta = read_png_metadata(png)
+    assert (meta["mask_grow"], meta["mask_blur"], meta["mask_mode"], meta["crop_to_mask"]) == (
+        "2",
+        "1.5",
+        "max",
+        "8",
+    )
+    with Image.open(png) as result, Image.open(image) as original:
+        assert result.size == original.size
+        far = (slice(80, 96), slice(100, 128))  # outside the grown, padded box around the mask
+        assert np.array_equal(np.asarray(result)[far], np.asarray(original)[far])

@@ -18,7 +18,7 @@ from PIL import Image
 from ldm_inpaint.checkpoint import OUR_TEXT_PREFIX, SD1_TEXT_PREFIX, build_model
 from ldm_inpaint.config import ModelConfig, load_config
 from ldm_inpaint.errors import LdmInpaintError
-from ldm_inpaint.pipeline import InpaintPipeline, start_noise
+from ldm_inpaint.pipeline import InpaintPipeline, _as_image_tensor, _as_mask_tensor, start_noise
 from ldm_inpaint.random_weights import random_checkpoint
 from ldm_inpaint.samplers import NOISE_FREE, SAMPLERS
 from ldm_inpaint.tokenizer import chunk_count, tokenize
@@ -247,3 +247,57 @@ def test_every_sampler_runs_end_to_end(tiny_pipeline: InpaintPipeline, sampler: 
         sample_image(64), sample_mask(64), PROMPT, sampler=sampler, steps=3, eta=eta, seed=1
     )
     assert result.steps_taken >= 3 and torch.isfinite(result.latents).all()
+
+
+def test_paste_back_keeps_the_unmasked_pixels_exactly(tiny_pipeline: InpaintPipeline) -> None:
+    image, mask = sample_image(64), sample_mask(64)
+    original = _as_image_tensor(image)
+    plain = tiny_pipeline(image, mask, PROMPT, steps=2)
+    pasted = tiny_pipeline(image, mask, PROMPT, steps=2, paste_back=True)
+    keep = _as_mask_tensor(mask) < 0.5
+    assert torch.equal(pasted.images[keep.expand_as(pasted.images)], original[keep.expand_as(original)])
+    inside = ~keep.expand_as(pasted.images)
+    assert torch.equal(pasted.images[inside], plain.images[inside])
+    assert torch.equal(pasted.latents, plain.latents)
+    soft = tiny_pipeline(image, mask, PROMPT, steps=2, paste_back=True, mask_blur=2.0)
+    assert not torch.equal(soft.images, pasted.images)
+
+
+def test_mask_grow_and_mode_change_the_conditioning_only_when_asked(tiny_pipeline: InpaintPipeline) -> None:
+    image, mask = sample_image(64), sample_mask(64)
+    plain = tiny_pipeline(image, mask, PROMPT, steps=2)
+    assert torch.equal(tiny_pipeline(image, mask, PROMPT, steps=2, mask_grow=0).latents, plain.latents)
+    assert not torch.equal(tiny_pipeline(image, mask, PROMPT, steps=2, mask_grow=4).latents, plain.latents)
+    thin = Image.new("L", (64, 64), 0)
+    thin.paste(255, (0, 3, 64, 4))  # a 1-pixel stroke: lost by nearest, kept by max
+    nearest = tiny_pipeline(image, thin, PROMPT, steps=2, mask_mode="nearest")
+    widest = tiny_pipeline(image, thin, PROMPT, steps=2, mask_mode="max")
+    assert not torch.equal(nearest.latents, widest.latents)
+
+
+def test_crop_to_mask_edits_only_the_box(tiny_pipeline: InpaintPipeline) -> None:
+    image = sample_image(192).crop((0, 0, 192, 160))
+    mask = Image.new("L", (192, 160), 0)
+    mask.paste(255, (120, 30, 140, 50))
+    result = tiny_pipeline(image, mask, PROMPT, steps=2, crop_to_mask=8)
+    original = _as_image_tensor(image)
+    assert result.images.shape == original.shape
+    box = torch.zeros_like(original, dtype=torch.bool)
+    box[..., 22:58, 112:148] = True
+    assert torch.equal(result.images[~box], original[~box])
+    assert not torch.equal(result.images[box], original[box])
+    native = tiny_pipeline.native_size(36, 36)
+    assert result.latents.shape[-2:] == (native[0] // 8, native[1] // 8)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"mask_blur": 2.0}, "use it with paste-back or crop-to-mask"),
+        ({"mask_grow": -1}, "must be >= 0"),
+        ({"mask_mode": "mean", "steps": 1}, "'nearest' or 'max'"),
+    ],
+)
+def test_bad_control_options(tiny_pipeline: InpaintPipeline, options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tiny_pipeline(sample_image(64), sample_mask(64), PROMPT, **options)
