@@ -256,31 +256,3 @@ def test_ancestral_samplers_reject_negative_eta(name: str) -> None:
 def test_samplers_reject_step_counts_outside_the_schedule(name: str, steps: int) -> None:
     with pytest.raises(ValueError, match=f"between 1 and the model's 1000 training timesteps, found {steps}"):
         SAMPLERS[name](closed_form_denoiser, start_noise(), ALPHAS_CUMPROD, steps)
-
-
-@pytest.mark.parametrize("name", K_SAMPLERS)
-def test_samplers_mutate_nothing_and_call_back_after_each_step(name: str) -> None:
-    x_T, schedule = start_noise(torch.float64), ALPHAS_CUMPROD.clone()
-    x_copy = x_T.clone()
-    calls: list[tuple[int, int]] = []
-    seen_timesteps: list[float] = []
-
-    def denoiser(x: Tensor, t: Tensor) -> Tensor:
-        assert t.shape == (x.shape[0],) and t.dtype == torch.float32
-        seen_timesteps.append(t[0].item())
-        return closed_form_denoiser(x, t)
-
-    eta = 1.0 if name in ANCESTRAL else 0.0
-    out = SAMPLERS[name](
-        denoiser,
-        x_T,
-        schedule,
-        6,
-        eta=eta,
-        generator=torch.Generator().manual_seed(0),
-        callback=lambda *a: calls.append(a),
-    )
-    assert out.dtype == torch.float64 and out.shape == x_T.shape
-    assert calls == [(i, 6) for i in range(6)]
-    assert seen_timesteps[0] == 999 and seen_timesteps[-1] == (0 if name == "dpmpp_2m_karras" else 166)
-    assert torch.equal(x_T, x_copy) and torch.equal(schedule, ALPHAS_CUMPROD)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ldm_inpaint.config import ScheduleParams
 from ldm_inpaint.denoiser import CountedDenoiser, Denoiser
-from ldm_inpaint.samplers import SAMPLERS, ddim, plms
+from ldm_inpaint.samplers import NOISE_FREE, SAMPLERS, ddim, plms
 from ldm_inpaint.schedule import alphas_cumprod
 
 from .oracles import ORIGINAL_DDIM
@@ -152,8 +152,17 @@ def test_ddim_rejects_negative_eta() -> None:
         ddim(closed_form_denoiser, start_noise(), ALPHAS_CUMPROD, 10, eta=-1.0)
 
 
-@pytest.mark.parametrize(("name", "eta"), [("ddim", 0.0), ("ddim", 1.0), ("plms", 0.0)])
-def test_registry_samplers_share_one_signature_and_mutate_nothing(name: str, eta: float) -> None:
+# Per sampler, for 6 requested steps: (steps taken, first and last timestep the denoiser sees). DDIM/PLMS take
+# the original grid (7 steps, 997 ... 1); the sigma samplers the trailing grid (999 ... 166, Karras to 0).
+STEP_CONTRACT = {name: (6, 999.0, 166.0) for name in SAMPLERS} | {
+    "ddim": (7, 997.0, 1.0),
+    "plms": (7, 997.0, 1.0),
+    "dpmpp_2m_karras": (6, 999.0, 0.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_registry_samplers_share_one_signature_and_mutate_nothing(name: str) -> None:
     x_T, schedule = start_noise(torch.float64), ALPHAS_CUMPROD.clone()
     x_copy = x_T.clone()
     calls: list[tuple[int, int]] = []
@@ -164,19 +173,19 @@ def test_registry_samplers_share_one_signature_and_mutate_nothing(name: str, eta
         seen_timesteps.append(t[0].item())
         return closed_form_denoiser(x, t)
 
-    sampler = SAMPLERS[name]
-    out = sampler(
+    out = SAMPLERS[name](
         denoiser,
         x_T,
         schedule,
         6,
-        eta=eta,
+        eta=0.0 if name in NOISE_FREE else 1.0,
         generator=torch.Generator().manual_seed(0),
         callback=lambda *a: calls.append(a),
     )
+    taken, first, last = STEP_CONTRACT[name]
     assert out.dtype == torch.float64 and out.shape == x_T.shape
-    assert calls == [(i, 7) for i in range(7)]
-    assert seen_timesteps[0] == 997 and seen_timesteps[-1] == 1
+    assert calls == [(i, taken) for i in range(taken)]
+    assert seen_timesteps[0] == first and seen_timesteps[-1] == last
     assert torch.equal(x_T, x_copy) and torch.equal(schedule, ALPHAS_CUMPROD)
 
 
