@@ -263,3 +263,19 @@ def test_cli_bad_checkpoint_is_one_clear_line(tmp_path: Path, capsys, content, m
     assert [line for line in err if line.startswith("ldm-inpaint: error:")] == [err[-1]]
     assert message in err[-1] and "Traceback" not in "\n".join(err)
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_text_to_image_checkpoints_load_too(family: str, tmp_path: Path) -> None:
+    """A 4-channel (text-to-image) layout of either family loads strictly like the inpainting one."""
+    from dataclasses import replace
+
+    inpainting = load_config(TINY_CONFIGS[family])
+    config = replace(inpainting, unet=replace(inpainting.unet, in_channels=4), conditioning_key="crossattn")
+    assert not config.is_inpainting
+    path = tmp_path / "t2i.safetensors"
+    save_file(random_checkpoint(config, seed=4), path)
+    loaded = load_model(path, config)
+    assert loaded.model.model.diffusion_model.input_blocks[0][0].weight.shape[1] == 4
+    with pytest.raises(CheckpointError, match="mis-shaped \\(model.diffusion_model.input_blocks.0.0.weight"):
+        load_model(path, inpainting)
