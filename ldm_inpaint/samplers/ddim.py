@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ldm_inpaint.denoiser import Denoiser, timesteps_like
+from ldm_inpaint.samplers.noise import check_eta, noise_like
 from ldm_inpaint.schedule import ddim_timesteps
 
 
@@ -36,16 +37,13 @@ def ddim_step(
     ``x0_pred = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``,
     ``x_prev = sqrt(a_prev) x0_pred + sqrt(1 - a_prev - sigma_t^2) eps + sigma_t z``, ``z ~ N(0, I)``.
 
-    ``z`` is drawn from ``generator`` only when ``sigma_t > 0``, in x's shape and dtype, on the generator's
-    device (then moved to x's), as diffusers' ``randn_tensor`` does: a CPU generator gives the same noise
-    everywhere.
+    ``z`` is drawn from ``generator`` (:func:`~ldm_inpaint.samplers.noise.noise_like`) only when
+    ``sigma_t > 0``.
     """
     x0_pred = (x - (1.0 - a_t) ** 0.5 * eps) / a_t**0.5
     x_prev = a_prev**0.5 * x0_pred + (1.0 - a_prev - sigma_t**2) ** 0.5 * eps
     if sigma_t > 0:
-        device = x.device if generator is None else generator.device
-        z = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-        x_prev = x_prev + sigma_t * z
+        x_prev = x_prev + sigma_t * noise_like(x, generator)
     return x_prev
 
 
@@ -65,8 +63,7 @@ def ddim(
     (Song et al. 2021, eq. 16): 0 is the deterministic DDIM, 1 the DDPM posterior variance.
     ``callback(step_index, total_steps)`` runs after each step.
     """
-    if eta < 0:
-        raise ValueError(f"DDIM eta must be >= 0 (0 deterministic, 1 DDPM-like), found {eta}")
+    check_eta("ddim", eta, stochastic=True)
     schedule = ddim_alphas(alphas_cumprod, steps)
     for i, (t, a_t, a_prev) in enumerate(schedule):
         sigma_t = eta * ((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)) ** 0.5

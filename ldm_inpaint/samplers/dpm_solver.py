@@ -14,13 +14,12 @@ import torch
 from torch import Tensor
 
 from ldm_inpaint.denoiser import Denoiser
+from ldm_inpaint.samplers.noise import check_eta, noise_like
 from ldm_inpaint.samplers.sigmas import (
     SigmaSchedule,
     ancestral_step,
-    check_eta,
     denoise,
     karras_schedule,
-    noise_like,
     sigma_to_timestep,
     start_latent,
     trailing_schedule,
@@ -40,7 +39,7 @@ def dpmpp_2m(
     """DPM-Solver++(2M) on the "trailing" grid of :func:`~ldm_inpaint.samplers.sigmas.trailing_schedule`
     (diffusers' ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)``).
     ``eta`` must be 0 and ``generator`` is unused; see :func:`multistep_2m`."""
-    check_eta("dpmpp_2m", eta, ancestral=False)
+    check_eta("dpmpp_2m", eta, stochastic=False)
     return multistep_2m(denoiser, x, trailing_schedule(alphas_cumprod, steps), callback)
 
 
@@ -57,7 +56,7 @@ def dpmpp_2m_karras(
     """DPM-Solver++(2M) on the Karras et al. 2022 sigmas (eq. 5, ``rho = 7``) of
     :func:`~ldm_inpaint.samplers.sigmas.karras_schedule` (diffusers: the same scheduler with
     ``use_karras_sigmas=True``). ``eta`` must be 0 and ``generator`` is unused; see :func:`multistep_2m`."""
-    check_eta("dpmpp_2m_karras", eta, ancestral=False)
+    check_eta("dpmpp_2m_karras", eta, stochastic=False)
     return multistep_2m(denoiser, x, karras_schedule(alphas_cumprod, steps), callback)
 
 
@@ -116,7 +115,7 @@ def dpmpp_2s_ancestral(
     ``sigma_up > 0``, in x's shape. diffusers has no such scheduler. ``2 steps - 1`` denoiser calls: the
     last step, to sigma 0, returns the data prediction. ``callback(step_index, steps)`` after each step.
     """
-    check_eta("dpmpp_2s_ancestral", eta, ancestral=True)
+    check_eta("dpmpp_2s_ancestral", eta, stochastic=True)
     schedule = trailing_schedule(alphas_cumprod, steps)
     x = start_latent(x, schedule)
     for i, t in enumerate(schedule.timesteps):

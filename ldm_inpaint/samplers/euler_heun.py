@@ -10,11 +10,10 @@ import torch
 from torch import Tensor
 
 from ldm_inpaint.denoiser import Denoiser
+from ldm_inpaint.samplers.noise import check_eta, noise_like
 from ldm_inpaint.samplers.sigmas import (
     ancestral_step,
-    check_eta,
     denoise,
-    noise_like,
     ode_derivative,
     start_latent,
     trailing_schedule,
@@ -42,7 +41,7 @@ def euler_ancestral(
     in x's shape, as diffusers draws it (diffusers draws one more in the last step and multiplies it by 0).
     ``steps`` denoiser calls; ``callback(step_index, steps)`` after each step.
     """
-    check_eta("euler_ancestral", eta, ancestral=True)
+    check_eta("euler_ancestral", eta, stochastic=True)
     schedule = trailing_schedule(alphas_cumprod, steps)
     x = start_latent(x, schedule)
     for i, t in enumerate(schedule.timesteps):
@@ -73,7 +72,7 @@ def euler(
     With an eps model ``d = eps``: this is deterministic DDIM in sigma space (Song et al. 2021, eqs. 13-14).
     ``eta`` must be 0 and ``generator`` is unused; ``steps`` denoiser calls.
     """
-    check_eta("euler", eta, ancestral=False)
+    check_eta("euler", eta, stochastic=False)
     return euler_ancestral(denoiser, x, alphas_cumprod, steps, callback=callback)
 
 
@@ -94,7 +93,7 @@ def heun(
 
     ``eta`` must be 0 and ``generator`` is unused; ``callback(step_index, steps)`` after each step.
     """
-    check_eta("heun", eta, ancestral=False)
+    check_eta("heun", eta, stochastic=False)
     schedule = trailing_schedule(alphas_cumprod, steps)
     x = start_latent(x, schedule)
     for i, t in enumerate(schedule.timesteps):

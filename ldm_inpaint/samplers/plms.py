@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ldm_inpaint.denoiser import Denoiser, timesteps_like
 from ldm_inpaint.samplers.ddim import ddim_alphas, ddim_step
+from ldm_inpaint.samplers.noise import check_eta
 
 
 def plms(
@@ -35,8 +36,7 @@ def plms(
 
     ``eta`` must be 0 and ``generator`` is unused (PLMS is deterministic); they keep the common signature.
     """
-    if eta != 0:
-        raise ValueError(f"PLMS is deterministic: eta must be 0, found {eta}")
+    check_eta("plms", eta, stochastic=False)
     schedule = ddim_alphas(alphas_cumprod, steps)
     old_eps: list[Tensor] = []
     for i, (t, a_t, a_prev) in enumerate(schedule):

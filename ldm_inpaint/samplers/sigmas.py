@@ -122,23 +122,6 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, 
     return (sigma_next**2 - sigma_up**2) ** 0.5, sigma_up
 
 
-def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """``z ~ N(0, I)`` in x's shape and dtype, drawn on the generator's device and moved to x's, as diffusers'
-    ``randn_tensor`` and :func:`~ldm_inpaint.samplers.ddim.ddim_step` draw it."""
-    device = x.device if generator is None else generator.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-
-
-def check_eta(sampler: str, eta: float, ancestral: bool) -> None:
-    """Ancestral samplers take ``eta >= 0``; the others inject no noise and take only ``eta = 0``."""
-    if ancestral and eta < 0:
-        raise ValueError(
-            f"{sampler} eta must be >= 0 (0 deterministic, 1 the standard ancestral), found {eta}"
-        )
-    if not ancestral and eta != 0:
-        raise ValueError(f"{sampler} is deterministic: eta must be 0, found {eta}")
-
-
 def _check_steps(steps: int, num_timesteps: int) -> None:
     if not 1 <= steps <= num_timesteps:
         raise ValueError(
