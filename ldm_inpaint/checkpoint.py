@@ -228,9 +228,13 @@ def detect_config(weights: Mapping[str, Tensor]) -> str:
     return name
 
 
+def preview_keys(keys: list[str], count: int = 5) -> str:
+    """The first ``count`` keys, comma-separated, with "..." when there are more."""
+    return ", ".join(keys[:count]) + (", ..." if len(keys) > count else "")
+
+
 def _describe(keys: list[str], what: str) -> str:
-    shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
-    return f"{len(keys)} {what} ({shown})"
+    return f"{len(keys)} {what} ({preview_keys(keys)})"
 
 
 def check_weights(model: torch.nn.Module, weights: Mapping[str, Tensor], config: ModelConfig) -> None:
@@ -299,6 +303,27 @@ class LoadedModel:
     detected: bool
 
 
+def resolve_config(
+    weights: Mapping[str, Tensor], config: str | Path | ModelConfig | None
+) -> tuple[ModelConfig, bool]:
+    """The given config, or the bundled one detected from the weights; and whether it was detected."""
+    if config is None:
+        return load_config(detect_config(weights)), True
+    return (config if isinstance(config, ModelConfig) else load_config(config)), False
+
+
+def check_fit(
+    weights: Mapping[str, Tensor], entries: Mapping[str, object], config: ModelConfig
+) -> LatentDiffusion:
+    """The strict checks (the schedule buffers, then every weight with its shape and nothing else) against
+    the model of ``config`` built on the meta device, which is returned, still without weights."""
+    check_schedule(entries, config)
+    with torch.device("meta"):
+        model = LatentDiffusion(config)
+    check_weights(model, weights, config)
+    return model
+
+
 def load_model(
     path: str | Path,
     config: str | Path | ModelConfig | None = None,
@@ -332,15 +357,8 @@ def build_model(
     weights = apply_ema(sorted_) if use_ema else sorted_.weights
     if not use_ema and sorted_.ema:
         sorted_.skipped["EMA copy (load it with use_ema)"] = list(sorted_.ema)
-    detected = config is None
-    if config is None:
-        config = detect_config(weights)
-    if not isinstance(config, ModelConfig):
-        config = load_config(config)
-    check_schedule(entries, config)
-    with torch.device("meta"):
-        model = LatentDiffusion(config)
-    check_weights(model, weights, config)
+    config, detected = resolve_config(weights, config)
+    model = check_fit(weights, entries, config)
     model.load_state_dict(weights, strict=True, assign=True)
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return LoadedModel(model=model, config=config, skipped=sorted_.skipped, detected=detected)

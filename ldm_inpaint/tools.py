@@ -35,15 +35,17 @@ from ldm_inpaint.checkpoint import (
     SortedEntries,
     apply_ema,
     build_model,
+    check_fit,
     check_schedule,
     check_weights,
-    detect_config,
+    preview_keys,
     read_checkpoint,
+    resolve_config,
     sha256_file,
     sort_entries,
     to_file_layout,
 )
-from ldm_inpaint.config import ModelConfig, load_config
+from ldm_inpaint.config import ModelConfig
 from ldm_inpaint.errors import CheckpointError, LdmInpaintError
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 
@@ -55,25 +57,6 @@ COMPONENTS = {
     "VAE": "first_stage_model.",
     "text encoder": "cond_stage_model.",
 }
-
-
-def _preview(keys: Sequence[str], count: int = 5) -> str:
-    return ", ".join(keys[:count]) + (", ..." if len(keys) > count else "")
-
-
-def _resolve_config(weights: Mapping[str, Tensor], config: str | Path | None) -> tuple[ModelConfig, bool]:
-    """The given config, or the bundled one detected from the weights; and whether it was detected."""
-    if config is None:
-        return load_config(detect_config(weights)), True
-    return load_config(config), False
-
-
-def _check_source(weights: Mapping[str, Tensor], entries: Mapping[str, object], config: ModelConfig) -> None:
-    """The loader's strict checks (every weight with its shape, nothing else; schedule) on a meta model."""
-    with torch.device("meta"):
-        model = LatentDiffusion(config)
-    check_weights(model, weights, config)
-    check_schedule(entries, config)
 
 
 # ---------------------------------------------------------------------------------------------------- convert
@@ -106,7 +89,7 @@ def select_entries(
     """
     if sorted_.unknown and not prune:
         raise CheckpointError(
-            f"{len(sorted_.unknown)} unexpected entries ({_preview(sorted_.unknown)}): not written without "
+            f"{len(sorted_.unknown)} unexpected entries ({preview_keys(sorted_.unknown)}): not written without "
             "--prune, which keeps only the inference weights"
         )
     kept = dict(weights)
@@ -191,9 +174,9 @@ def convert_checkpoint(
     entries = read_checkpoint(source)
     try:
         sorted_ = sort_entries(entries)
-        resolved, detected = _resolve_config(sorted_.weights, config)
+        resolved, detected = resolve_config(sorted_.weights, config)
         weights = apply_ema(sorted_) if use_ema else sorted_.weights
-        _check_source(weights, entries, resolved)
+        check_fit(weights, entries, resolved)
         file_weights = to_file_layout(weights, resolved)
         kept, left_out = select_entries(entries, sorted_, file_weights, ema_applied=use_ema, prune=prune)
         tensors = cast_floats(kept, dtype)
@@ -234,7 +217,7 @@ def convert_main(argv: Sequence[str]) -> int:
     how = "detected from the checkpoint" if result.detected else "given"
     print(f"ldm-inpaint: config {result.config.name} ({how})", file=sys.stderr)
     for reason, keys in result.left_out.items():
-        print(f"ldm-inpaint: left out {len(keys)} {reason}: {_preview(keys)}", file=sys.stderr)
+        print(f"ldm-inpaint: left out {len(keys)} {reason}: {preview_keys(keys)}", file=sys.stderr)
     print(f"{result.sha256}  {result.path}")
     return 0
 
@@ -333,7 +316,7 @@ def inspect_checkpoint(path: str | Path, config: str | Path | None = None) -> Re
         schedule=unchecked,
     )
     try:
-        resolved, _ = _resolve_config(sorted_.weights, config)
+        resolved, _ = resolve_config(sorted_.weights, config)
     except CheckpointError as error:
         report.config_problem = str(error)
         return report
@@ -371,9 +354,9 @@ def format_report(report: Report) -> str:
         ),
         "dtypes      " + ", ".join(f"{count} {name}" for name, count in report.dtypes.items()),
         "extras      " + ("none" if not report.extras else "skipped when loading:"),
-        *(f"  {len(keys)} {kind}: {_preview(keys, 3)}" for kind, keys in report.extras.items()),
+        *(f"  {len(keys)} {kind}: {preview_keys(keys, 3)}" for kind, keys in report.extras.items()),
         f"unknown     {len(report.unknown)} entries"
-        + (f": {_preview(report.unknown)}" if report.unknown else ""),
+        + (f": {preview_keys(report.unknown)}" if report.unknown else ""),
         f"EMA copy    {report.ema.detail}",
         f"keys        {report.keys.detail}",
         f"schedule    {report.schedule_buffers} of {len(SCHEDULE_KEYS)} buffers stored; {report.schedule.detail}",
