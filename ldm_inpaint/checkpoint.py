@@ -8,10 +8,14 @@ names as they are; only the SD1 text encoder goes through one explicit table (``
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import itertools
+import os
 import pickle
+import sys
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -335,7 +339,7 @@ def load_model(
     """Read a checkpoint file and load it into the model of ``config`` (see :func:`build_model`)."""
     entries = read_checkpoint(path)
     try:
-        return build_model(entries, config, use_ema=use_ema, dtype=dtype, device=device)
+        return build_model(entries, config, use_ema=use_ema, dtype=dtype, device=device, source=path)
     except CheckpointError as error:
         raise CheckpointError(f"{path}: {error}") from None
 
@@ -347,10 +351,15 @@ def build_model(
     use_ema: bool = False,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    source: str | Path | None = None,
 ) -> LoadedModel:
     """Build the model of ``config`` (detected from the weights when None) on the meta device, without
     allocating weights, and load the file's entries into it strictly (``assign=True``: the model holds the
-    file's tensors, so a memory-mapped file is not copied). ``dtype`` None keeps the file's dtype."""
+    file's tensors, so a memory-mapped file is not copied). ``dtype`` None keeps the file's dtype.
+
+    ``source``: the file the entries were memory-mapped from, if any; weights cast to another dtype or moved
+    to another device then give back their file pages one at a time (:func:`release_file_pages`), so the
+    peak is the new copy plus one tensor, not both copies."""
     sorted_ = sort_entries(entries)
     if sorted_.unknown:
         raise CheckpointError(_describe(sorted_.unknown, "unexpected entries"))
@@ -360,5 +369,66 @@ def build_model(
     config, detected = resolve_config(weights, config)
     model = check_fit(weights, entries, config)
     model.load_state_dict(weights, strict=True, assign=True)
-    model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    release = (lambda tensor: release_file_pages(tensor, source)) if source is not None else None
+    _cast(model, torch.device(device), dtype, release)
+    model.eval().requires_grad_(False)
     return LoadedModel(model=model, config=config, skipped=sorted_.skipped, detected=detected)
+
+
+def _cast(
+    model: torch.nn.Module,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    release: Callable[[Tensor], None] | None,
+) -> None:
+    """``model.to(device, dtype)`` (floating-point tensors take ``dtype``), one tensor at a time, handing each
+    replaced tensor to ``release``."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        source = tensor.data
+        target_dtype = dtype if dtype is not None and source.is_floating_point() else source.dtype
+        moved = source.to(device=device, dtype=target_dtype)
+        if moved is not source:
+            tensor.data = moved
+            if release is not None:
+                release(source)
+
+
+_MADV_DONTNEED = 4
+
+
+def release_file_pages(tensor: Tensor, path: str | Path) -> int:
+    """Give back the resident memory of ``tensor`` if it is memory-mapped from the file ``path``; returns the
+    number of bytes released (0 when it is not, and on systems other than Linux).
+
+    ``.ckpt`` files are mapped privately (``torch.load(mmap=True)``): their weights are the file's pages, read
+    on first touch and counted in the process's resident memory until the whole file is unmapped. Once a
+    weight has been copied (cast to another dtype, moved, packed for oneDNN) and its source is not used any
+    more, ``madvise(MADV_DONTNEED)`` drops the whole pages it spans inside the mapping of ``path`` (the
+    kernel would read them from the file again if they were touched). Call it only for tensors that nothing
+    writes to and nothing will read again.
+    """
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return 0
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    target = os.path.realpath(path)
+    page = os.sysconf("SC_PAGE_SIZE")
+    released = 0
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) < 6 or fields[1][3] != "p" or fields[5].strip() != target:
+                continue
+            low, high = (int(bound, 16) for bound in fields[0].split("-"))
+            first = -(-max(start, low) // page) * page
+            last = min(end, high) // page * page
+            if first < last:
+                _madvise(first, last - first)
+                released += last - first
+    return released
+
+
+def _madvise(address: int, length: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), _MADV_DONTNEED) != 0:
+        raise OSError(ctypes.get_errno(), f"madvise(MADV_DONTNEED) failed: {os.strerror(ctypes.get_errno())}")
