@@ -89,12 +89,15 @@ def test_state_dict_is_kept_and_new_weights_load() -> None:
     other.load_state_dict({key: value * 0.5 for key, value in plain_state.items()})
     packed.load_state_dict(other.state_dict(), strict=True)
     with torch.inference_mode():
-        assert_parity(packed(*inputs), other(*inputs))
+        packed_output = packed(*inputs)
+        assert_parity(packed_output, other(*inputs))
 
+    twin = copy.deepcopy(packed)
     unpack_convolutions(packed)
     assert not any(isinstance(m, PackedConv2d) for m in packed.modules())
     with torch.inference_mode():
         assert torch.equal(packed(*inputs), other(*inputs))
+        assert torch.equal(twin(*inputs), packed_output)
 
 
 def test_wrong_shape_in_a_packed_load_is_reported() -> None:

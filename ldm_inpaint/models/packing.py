@@ -14,6 +14,7 @@ it (to train, move the model to a GPU, or change its dtype).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -85,6 +86,12 @@ class PackedConv2d(nn.Module):
         conv.weight = nn.Parameter(self.plain_weight(), requires_grad=False)
         conv.bias = self.bias
         return conv
+
+    def __deepcopy__(self, memo: dict) -> PackedConv2d:
+        # oneDNN's opaque tensors have no storage to copy: repack a plain copy (the bias is copied too)
+        conv = self.to_conv()
+        conv.bias = copy.deepcopy(self.bias, memo)
+        return PackedConv2d(conv)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         destination[prefix + "weight"] = self.plain_weight()
