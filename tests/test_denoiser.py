@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ldm_inpaint.config import ScheduleParams
-from ldm_inpaint.denoiser import CountedDenoiser, make_denoiser
+from ldm_inpaint.denoiser import Blend, CountedDenoiser, make_denoiser
 from ldm_inpaint.schedule import alphas_cumprod
 
 ALPHAS_CUMPROD = alphas_cumprod(ScheduleParams())
@@ -181,3 +181,61 @@ def test_context_batch_must_be_1_or_that_of_x() -> None:
         ValueError, match=r"context must have batch size 1 or 2 \(that of x\), found \(3, 77, 8\)"
     ):
         denoiser(v["x"], v["t"])
+
+
+def _blend(dtype: torch.dtype = torch.float64) -> Blend:
+    g = torch.Generator().manual_seed(3)
+    return Blend(
+        known=torch.randn(1, 4, H, W, generator=g, dtype=dtype),
+        keep=(torch.rand(1, 1, H, W, generator=g) > 0.5).to(dtype),
+        noise=torch.randn(B, 4, H, W, generator=g, dtype=dtype),
+    )
+
+
+def _blended_by_hand(x: Tensor, t: Tensor, blend: Blend) -> Tensor:
+    """``keep (sqrt(a) x0 + sqrt(1 - a) noise) + (1 - keep) x``, ``a`` linear between integer timesteps."""
+    low, frac = t.floor().long(), (t - t.floor()).double()
+    alpha_bar = (ALPHAS_CUMPROD[low] * (1 - frac) + ALPHAS_CUMPROD[low + 1] * frac)[:, None, None, None]
+    diffused = alpha_bar.sqrt() * blend.known + (1 - alpha_bar).sqrt() * blend.noise
+    return blend.keep * diffused + (1 - blend.keep) * x
+
+
+@pytest.mark.parametrize("t", [[981.0, 21.0], [500.25, 0.5]])
+def test_blend_replaces_the_known_region_before_the_unet_call(t: list[float]) -> None:
+    v, unet, blend = tensors(), RecordingUNet(), _blend()
+    timesteps = torch.tensor(t)
+    out = make_denoiser(unet, v["context"], v["uncond"], 7.5, None, "eps", ALPHAS_CUMPROD, blend)(
+        v["x"], timesteps
+    )
+    x_in = unet.calls[0][0]
+    expected = _blended_by_hand(v["x"], timesteps, blend)
+    for half in (x_in[:B], x_in[B:]):
+        torch.testing.assert_close(half, expected, rtol=1e-12, atol=1e-12)
+        repaint = (blend.keep == 0).expand_as(half)
+        assert torch.equal(half[repaint], v["x"][repaint])  # the repainted region is x itself
+    plain = make_denoiser(RecordingUNet(), v["context"], v["uncond"], 7.5, None, "eps", ALPHAS_CUMPROD)
+    torch.testing.assert_close(out, plain(expected, timesteps), rtol=1e-12, atol=1e-12)
+
+
+def test_blend_feeds_the_v_conversion_the_blended_latent() -> None:
+    """eps = sqrt(a) v + sqrt(1 - a) x_t with the x_t the UNet saw."""
+    g = torch.Generator().manual_seed(4)
+    x, v_out = torch.randn(2, B, 4, H, W, generator=g, dtype=torch.float64)
+    blend, timesteps = _blend(), torch.tensor([981.0, 21.0])
+    context = torch.zeros(1, 77, D, dtype=torch.float64)
+    out = make_denoiser(_v_unet(v_out), context, None, 1.0, None, "v", ALPHAS_CUMPROD, blend)(x, timesteps)
+    alpha_bar = ALPHAS_CUMPROD[timesteps.long()][:, None, None, None]
+    blended = _blended_by_hand(x, timesteps, blend)
+    torch.testing.assert_close(
+        out, alpha_bar.sqrt() * v_out + (1 - alpha_bar).sqrt() * blended, rtol=1e-12, atol=1e-12
+    )
+
+
+def test_blend_keeps_dtypes_and_mutates_nothing() -> None:
+    v, unet, blend = tensors(torch.float32), RecordingUNet(), _blend(torch.float32)
+    copies = [tensor.clone() for tensor in (v["x"], blend.known, blend.keep, blend.noise)]
+    context = v["context"].half()
+    out = make_denoiser(unet, context, None, 1.0, None, "eps", ALPHAS_CUMPROD, blend)(v["x"], v["t"])
+    assert unet.calls[0][0].dtype == torch.float16 and out.dtype == torch.float32
+    for tensor, copy in zip((v["x"], blend.known, blend.keep, blend.noise), copies, strict=True):
+        assert torch.equal(tensor, copy)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ldm_inpaint.denoiser import Denoiser, timesteps_like
-from ldm_inpaint.samplers.noise import check_eta, noise_like
+from ldm_inpaint.samplers.noise import check_eta, kept_steps, noise_like, starts_from_init
 from ldm_inpaint.schedule import ddim_timesteps
 
 
@@ -22,6 +22,24 @@ def ddim_alphas(alphas_cumprod: Tensor, steps: int) -> list[tuple[int, float, fl
     a_t = alphas_cumprod[timesteps].tolist()
     a_prev = [alphas_cumprod[0].item(), *a_t[:-1]]
     return list(zip(timesteps, a_t, a_prev, strict=True))[::-1]
+
+
+def ddim_start(
+    x: Tensor, alphas_cumprod: Tensor, steps: int, init: Tensor | None, strength: float
+) -> tuple[Tensor, list[tuple[int, float, float]]]:
+    """The start latent and the :func:`ddim_alphas` grid of a run of ``strength``, for DDIM and PLMS.
+
+    ``strength == 1``: the unit noise ``x`` on the whole grid. Otherwise only the last
+    :func:`~ldm_inpaint.samplers.noise.kept_steps` steps of the grid, started from the clean latent ``init``
+    diffused to their first timestep with ``x`` as the noise, ``sqrt(a_t) init + sqrt(1 - a_t) x`` (Ho et al.
+    2020, eq. 4), as diffusers' ``scheduler.add_noise`` in its img2img and inpainting pipelines.
+    """
+    schedule = ddim_alphas(alphas_cumprod, steps)
+    if not starts_from_init(x, init, strength):
+        return x, schedule
+    schedule = schedule[len(schedule) - kept_steps(len(schedule), strength) :]
+    a_t = schedule[0][1]
+    return a_t**0.5 * init + (1.0 - a_t) ** 0.5 * x, schedule
 
 
 def ddim_step(
@@ -56,15 +74,18 @@ def ddim(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     callback: Callable[[int, int], None] | None = None,
+    init: Tensor | None = None,
+    strength: float = 1.0,
 ) -> Tensor:
     """Sample from the start noise ``x = x_T`` with DDIM, as the original ``DDIMSampler``.
 
     ``eta`` scales the noise of each step, ``sigma_t = eta sqrt((1 - a_prev) / (1 - a_t) (1 - a_t / a_prev))``
-    (Song et al. 2021, eq. 16): 0 is the deterministic DDIM, 1 the DDPM posterior variance.
+    (Song et al. 2021, eq. 16): 0 is the deterministic DDIM, 1 the DDPM posterior variance. With ``strength
+    < 1`` the run takes the end of the grid from the noised ``init`` (:func:`ddim_start`).
     ``callback(step_index, total_steps)`` runs after each step.
     """
     check_eta("ddim", eta, stochastic=True)
-    schedule = ddim_alphas(alphas_cumprod, steps)
+    x, schedule = ddim_start(x, alphas_cumprod, steps, init, strength)
     for i, (t, a_t, a_prev) in enumerate(schedule):
         sigma_t = eta * ((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)) ** 0.5
         eps = denoiser(x, timesteps_like(x, t))

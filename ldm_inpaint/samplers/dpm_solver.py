@@ -21,7 +21,7 @@ from ldm_inpaint.samplers.sigmas import (
     denoise,
     karras_schedule,
     sigma_to_timestep,
-    start_latent,
+    start_point,
     trailing_schedule,
 )
 
@@ -35,12 +35,15 @@ def dpmpp_2m(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     callback: Callable[[int, int], None] | None = None,
+    init: Tensor | None = None,
+    strength: float = 1.0,
 ) -> Tensor:
     """DPM-Solver++(2M) on the "trailing" grid of :func:`~ldm_inpaint.samplers.sigmas.trailing_schedule`
     (diffusers' ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)``).
     ``eta`` must be 0 and ``generator`` is unused; see :func:`multistep_2m`."""
     check_eta("dpmpp_2m", eta, stochastic=False)
-    return multistep_2m(denoiser, x, trailing_schedule(alphas_cumprod, steps), callback)
+    x, schedule = start_point(x, trailing_schedule(alphas_cumprod, steps), init, strength)
+    return multistep_2m(denoiser, x, schedule, callback)
 
 
 def dpmpp_2m_karras(
@@ -52,25 +55,27 @@ def dpmpp_2m_karras(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     callback: Callable[[int, int], None] | None = None,
+    init: Tensor | None = None,
+    strength: float = 1.0,
 ) -> Tensor:
     """DPM-Solver++(2M) on the Karras et al. 2022 sigmas (eq. 5, ``rho = 7``) of
     :func:`~ldm_inpaint.samplers.sigmas.karras_schedule` (diffusers: the same scheduler with
     ``use_karras_sigmas=True``). ``eta`` must be 0 and ``generator`` is unused; see :func:`multistep_2m`."""
     check_eta("dpmpp_2m_karras", eta, stochastic=False)
-    return multistep_2m(denoiser, x, karras_schedule(alphas_cumprod, steps), callback)
+    x, schedule = start_point(x, karras_schedule(alphas_cumprod, steps), init, strength)
+    return multistep_2m(denoiser, x, schedule, callback)
 
 
 def multistep_2m(
     denoiser: Denoiser, x: Tensor, schedule: SigmaSchedule, callback: Callable[[int, int], None] | None
 ) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) from the unit start noise ``x``: the first-order step
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) from ``x`` at the first sigma of ``schedule`` (sigma
+    space, :func:`~ldm_inpaint.samplers.sigmas.start_point`): the first-order step
     with ``D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}``, ``r = h_{i-1} / h_i``, a linear extrapolation of the data
     prediction from the previous step. The first step (no history) and the last one (to sigma 0, where the
     first-order step returns ``D`` itself) are first order, as in diffusers and k-diffusion. One denoiser call
-    per step; ``callback(step_index, steps)`` after each step.
+    per step; ``callback(step_index, steps_taken)`` after each step.
     """
-    x = start_latent(x, schedule)
-    steps = len(schedule.timesteps)
     denoised_prev, h_prev = None, None
     for i, t in enumerate(schedule.timesteps):
         sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
@@ -87,7 +92,7 @@ def multistep_2m(
             h_prev = h
         denoised_prev = denoised
         if callback is not None:
-            callback(i, steps)
+            callback(i, len(schedule.timesteps))
     return x
 
 
@@ -100,6 +105,8 @@ def dpmpp_2s_ancestral(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     callback: Callable[[int, int], None] | None = None,
+    init: Tensor | None = None,
+    strength: float = 1.0,
 ) -> Tensor:
     """DPM-Solver++(2S) ancestral ("DPM++ 2S a", k-diffusion's ``sample_dpmpp_2s_ancestral``) on the
     "trailing" grid: each step ``sigma -> sigma_next`` is split
@@ -112,12 +119,11 @@ def dpmpp_2s_ancestral(
     deterministic DPM-Solver++(2S). The midpoint's model timestep is fractional
     (:func:`~ldm_inpaint.samplers.sigmas.sigma_to_timestep`); at ``eta = 1``, ``sigma_down = sigma_next^2 /
     sigma`` and the midpoint is ``sigma_next`` itself. ``z`` is drawn from ``generator`` once per step with
-    ``sigma_up > 0``, in x's shape. diffusers has no such scheduler. ``2 steps - 1`` denoiser calls: the
-    last step, to sigma 0, returns the data prediction. ``callback(step_index, steps)`` after each step.
+    ``sigma_up > 0``, in x's shape. diffusers has no such scheduler. ``2 steps_taken - 1`` denoiser calls: the
+    last step, to sigma 0, returns the data prediction. ``callback(step_index, steps_taken)`` after each step.
     """
     check_eta("dpmpp_2s_ancestral", eta, stochastic=True)
-    schedule = trailing_schedule(alphas_cumprod, steps)
-    x = start_latent(x, schedule)
+    x, schedule = start_point(x, trailing_schedule(alphas_cumprod, steps), init, strength)
     for i, t in enumerate(schedule.timesteps):
         sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
@@ -133,5 +139,5 @@ def dpmpp_2s_ancestral(
         if sigma_up > 0:
             x = x + sigma_up * noise_like(x, generator)
         if callback is not None:
-            callback(i, steps)
+            callback(i, len(schedule.timesteps))
     return x

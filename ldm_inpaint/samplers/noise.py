@@ -1,4 +1,5 @@
-"""The noise a sampler injects: drawing it, and the one rule for ``eta``, shared by every sampler."""
+"""What every sampler shares about noise: drawing the injected noise, the one rule for ``eta``, and the one
+rule for ``strength`` (how far down its grid a run from a noised clean latent starts)."""
 
 from __future__ import annotations
 
@@ -21,3 +22,34 @@ def check_eta(sampler: str, eta: float, stochastic: bool) -> None:
         )
     if not stochastic and eta != 0:
         raise ValueError(f"{sampler} is deterministic: eta must be 0, found {eta}")
+
+
+def check_strength(strength: float) -> None:
+    """``strength`` is the fraction of the sampling grid a run takes, in (0, 1]; 1 starts from pure noise."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1] (1 = start from pure noise), found {strength}")
+
+
+def kept_steps(steps: int, strength: float) -> int:
+    """How many of the last steps of a ``steps``-step grid a run of ``strength`` takes: ``min(int(steps
+    strength), steps)``, as diffusers' ``get_timesteps`` (SDEdit, Meng et al. 2022: start part-way down the
+    grid from a noised image). ``strength`` must be in (0, 1] and keep at least one step."""
+    check_strength(strength)
+    kept = min(int(steps * strength), steps)
+    if kept == 0:
+        raise ValueError(f"strength {strength} keeps no step of {steps}; raise strength or steps")
+    return kept
+
+
+def starts_from_init(x: Tensor, init: Tensor | None, strength: float) -> bool:
+    """Whether a sampler starts from ``init`` noised part-way down its grid (``strength < 1``) or from the
+    pure noise ``x`` on the whole grid (``strength == 1``; ``init`` is then unused, as in diffusers'
+    pipelines). Checks ``strength``, and that ``init`` is given in x's shape when it is needed."""
+    check_strength(strength)
+    if strength == 1:
+        return False
+    if init is None:
+        raise ValueError(f"strength {strength} < 1 starts from a noised clean latent: pass init, found None")
+    if init.shape != x.shape:
+        raise ValueError(f"init must have the shape of x, {tuple(x.shape)}, found {tuple(init.shape)}")
+    return True

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ldm_inpaint.denoiser import Denoiser, timesteps_like
-from ldm_inpaint.samplers.ddim import ddim_alphas, ddim_step
+from ldm_inpaint.samplers.ddim import ddim_start, ddim_step
 from ldm_inpaint.samplers.noise import check_eta
 
 
@@ -22,8 +22,10 @@ def plms(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     callback: Callable[[int, int], None] | None = None,
+    init: Tensor | None = None,
+    strength: float = 1.0,
 ) -> Tensor:
-    """Sample from the start noise ``x = x_T`` with PLMS on the DDIM grid (``steps + 1`` denoiser calls).
+    """Sample from the start noise ``x = x_T`` with PLMS on the DDIM grid (a denoiser call a step, plus one).
 
     Each step is the deterministic DDIM update (the PNDM "transfer part") with eps replaced by a multistep
     estimate ``eps'`` built from the current eps and the last three:
@@ -35,9 +37,11 @@ def plms(
       ``(55 e - 59 e1 + 37 e2 - 9 e3) / 24`` with ``e1, e2, e3`` the eps of the previous steps.
 
     ``eta`` must be 0 and ``generator`` is unused (PLMS is deterministic); they keep the common signature.
+    With ``strength < 1`` the run takes the end of the grid from the noised ``init``
+    (:func:`~ldm_inpaint.samplers.ddim.ddim_start`) and its first kept step is the pseudo improved Euler step.
     """
     check_eta("plms", eta, stochastic=False)
-    schedule = ddim_alphas(alphas_cumprod, steps)
+    x, schedule = ddim_start(x, alphas_cumprod, steps, init, strength)
     old_eps: list[Tensor] = []
     for i, (t, a_t, a_prev) in enumerate(schedule):
         eps = denoiser(x, timesteps_like(x, t))

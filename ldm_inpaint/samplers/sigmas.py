@@ -8,7 +8,8 @@ sqrt(sigma^2 + 1), t(sigma))`` (Table 1's VP preconditioning: ``c_skip = 1``, ``
 probability-flow ODE reads ``dx / dsigma = (x - D(x; sigma)) / sigma`` (EDM eqs. 1 and 3, ``sigma(t) = t``).
 
 Everything the samplers share lives here, once: the sigma schedules, the sigma -> timestep map, the start
-latent, the denoiser in sigma space and the ancestral split of a step.
+point (from pure noise, or from a noised clean latent part-way down the grid), the denoiser in sigma space and
+the ancestral split of a step.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ldm_inpaint.denoiser import Denoiser, timesteps_like
+from ldm_inpaint.samplers.noise import kept_steps, starts_from_init
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,23 @@ def start_latent(x_T: Tensor, schedule: SigmaSchedule) -> Tensor:
     "linspace" and "trailing" spacings, as k-diffusion does; the two differ by 0.2 % at SD's ``sigma_max``.
     """
     return x_T * (schedule.sigmas[0] ** 2 + 1.0) ** 0.5
+
+
+def start_point(
+    x_T: Tensor, schedule: SigmaSchedule, init: Tensor | None, strength: float
+) -> tuple[Tensor, SigmaSchedule]:
+    """The start point in sigma space and the part of ``schedule`` a run of ``strength`` takes.
+
+    ``strength == 1``: :func:`start_latent` on the whole schedule. Otherwise the last
+    :func:`~ldm_inpaint.samplers.noise.kept_steps` steps, started from the clean latent ``init`` at their
+    first noise level with ``x_T`` as the noise, ``init + sigma_0 x_T`` (EDM's ``x = x_0 + sigma n``), as
+    diffusers' ``scheduler.add_noise`` after ``set_begin_index`` in its img2img and inpainting pipelines.
+    """
+    if not starts_from_init(x_T, init, strength):
+        return start_latent(x_T, schedule), schedule
+    kept = kept_steps(len(schedule.timesteps), strength)
+    schedule = SigmaSchedule(schedule.sigmas[-kept - 1 :], schedule.timesteps[-kept:])
+    return init + schedule.sigmas[0] * x_T, schedule
 
 
 def denoise(denoiser: Denoiser, x: Tensor, sigma: float, t: float) -> Tensor:
