@@ -28,6 +28,7 @@ from ldm_inpaint.config import ModelConfig, load_config
 from ldm_inpaint.errors import CheckpointError
 from ldm_inpaint.models.clip import openai_to_openclip, openclip_to_openai
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
+from ldm_inpaint.models.packing import pack_convolutions
 from ldm_inpaint.schedule import alphas_cumprod
 
 SCHEDULE_KEYS = (
@@ -335,13 +336,24 @@ def load_model(
     use_ema: bool = False,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    pack: bool = False,
 ) -> LoadedModel:
-    """Read a checkpoint file and load it into the model of ``config`` (see :func:`build_model`)."""
+    """Read a checkpoint file and load it into the model of ``config`` (see :func:`build_model`).
+
+    ``pack``: store the UNet's and the VAE's convolution weights pre-packed for oneDNN
+    (:mod:`ldm_inpaint.models.packing`; CPU, float32 or bfloat16): faster CPU inference in the same memory,
+    same ``state_dict()``. Each plain weight is freed (or its file pages given back) as it is packed."""
     entries = read_checkpoint(path)
     try:
-        return build_model(entries, config, use_ema=use_ema, dtype=dtype, device=device, source=path)
+        loaded = build_model(entries, config, use_ema=use_ema, dtype=dtype, device=device, source=path)
     except CheckpointError as error:
         raise CheckpointError(f"{path}: {error}") from None
+    del entries  # the model now holds the only reference to each weight, so packing frees them one by one
+    if pack:
+        model = loaded.model
+        for part in (model.model.diffusion_model, model.first_stage_model):
+            pack_convolutions(part, release=lambda tensor: release_file_pages(tensor, path))
+    return loaded
 
 
 def build_model(

@@ -17,7 +17,7 @@ from ldm_inpaint.config import load_config
 from ldm_inpaint.image_io import read_png_metadata
 from ldm_inpaint.random_weights import random_checkpoint
 
-from .conftest import TINY_CONFIGS
+from .conftest import CONFIGS, TINY_CONFIGS
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +179,70 @@ def test_inpainting_controls_reach_the_pipeline_and_the_metadata(checkpoint: Pat
         assert result.size == original.size
         far = (slice(80, 96), slice(100, 128))  # outside the grown, padded box around the mask
         assert np.array_equal(np.asarray(result)[far], np.asarray(original)[far])
+
+
+def test_image_to_image_with_strength(checkpoint: Path, tmp_path: Path) -> None:
+    image, _ = write_pair(tmp_path / "in", "photo")
+    outdir = tmp_path / "out"
+    assert main([*base_args(checkpoint, outdir), "--image", str(image), "--strength", "0.6"]) == 0
+    png = outdir / "photo-00000.png"
+    meta = read_png_metadata(png)
+    assert meta["strength"] == "0.6" and meta["mask"] == "" and meta["image"] == str(image)
+    assert meta["steps_taken"] == "1"  # int(3 steps x 0.6)
+    with Image.open(png) as result:
+        assert result.size == (64, 48)
+
+
+def test_text_to_image_numbers_its_outputs(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    outdir = tmp_path / "out"
+    args = [*base_args(checkpoint, outdir), "--height", "32", "--width", "64"]
+    assert main(args) == 0 and main(args) == 0
+    assert sorted(p.name for p in outdir.iterdir()) == ["txt2img-00000.png", "txt2img-00001.png"]
+    with Image.open(outdir / "txt2img-00000.png") as result:
+        assert result.size == (64, 32)
+    meta = read_png_metadata(outdir / "txt2img-00001.png")
+    assert (meta["image"], meta["mask"], meta["strength"]) == ("", "", "1.0")
+    assert "txt2img-00001.png" in capsys.readouterr().out
+
+
+def test_text_to_image_checkpoint_inpaints_by_blending(tmp_path: Path, capsys) -> None:
+    config = CONFIGS / "tiny" / "v1-inference-tiny.yaml"
+    path = tmp_path / "tiny-t2i.ckpt"
+    torch.save({"state_dict": random_checkpoint(load_config(config), seed=9)}, path)
+    image, mask = write_pair(tmp_path / "in", "photo")
+    args = [*base_args(path, tmp_path / "out"), "--image", str(image)]
+    args[args.index(str(TINY_CONFIGS["v1"]))] = str(config)
+    assert main([*args, "--mask", str(mask), "--strength", "0.7"]) == 0
+    meta = read_png_metadata(tmp_path / "out" / "photo-00000.png")
+    assert meta["config"] == "v1-inference-tiny" and meta["strength"] == "0.7"
+    assert "config v1-inference-tiny (given)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--image", "IMAGE", "--mask", "MASK", "--strength", "0"], "strength must be in (0, 1]"),
+        (["--image", "IMAGE", "--strength", "1.5"], "strength must be in (0, 1]"),
+        (
+            ["--image", "IMAGE", "--strength", "0.2"],
+            "strength 0.2 keeps no step of 3; raise strength or steps",
+        ),
+        (["--image", "IMAGE", "--strength", "half"], "invalid float value: 'half'"),
+        (["--strength", "0.5"], "give --image (text-to-image takes strength 1)"),
+        (["--mask", "MASK"], "--mask needs --image"),
+        (["--image", "IMAGE", "--paste-back"], "act on a mask; without one"),
+        (["--crop-to-mask", "8"], "act on a mask; without one"),
+        (["--image", "IMAGE", "--resize-mask"], "--resize-mask needs --mask"),
+    ],
+)
+def test_strength_and_missing_inputs_are_one_line_errors(
+    checkpoint: Path, tmp_path: Path, capsys, extra, message
+) -> None:
+    image, mask = write_pair(tmp_path, "x")
+    extra = [{"IMAGE": str(image), "MASK": str(mask)}.get(arg, arg) for arg in extra]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base_args(checkpoint, tmp_path / "out"), *extra])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

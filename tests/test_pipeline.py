@@ -18,12 +18,12 @@ from PIL import Image
 from ldm_inpaint.checkpoint import OUR_TEXT_PREFIX, SD1_TEXT_PREFIX, build_model
 from ldm_inpaint.config import ModelConfig, load_config
 from ldm_inpaint.errors import LdmInpaintError
-from ldm_inpaint.pipeline import InpaintPipeline, _as_image_tensor, _as_mask_tensor, start_noise
+from ldm_inpaint.pipeline import MEMO_SIZE, InpaintPipeline, _as_image_tensor, _as_mask_tensor, start_noise
 from ldm_inpaint.random_weights import random_checkpoint
 from ldm_inpaint.samplers import NOISE_FREE, SAMPLERS
 from ldm_inpaint.tokenizer import chunk_count, tokenize
 
-from .conftest import FULL_CONFIGS, TINY_CONFIGS
+from .conftest import CONFIGS, FULL_CONFIGS, TINY_CONFIGS
 from .oracles import (
     ORIGINAL_DDIM,
     diffusers_unet,
@@ -301,3 +301,168 @@ def test_crop_to_mask_edits_only_the_box(tiny_pipeline: InpaintPipeline) -> None
 def test_bad_control_options(tiny_pipeline: InpaintPipeline, options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         tiny_pipeline(sample_image(64), sample_mask(64), PROMPT, **options)
+
+
+# Image-to-image, text-to-image, strength and memoization, for both model kinds.
+TEXT_TO_IMAGE_TINY = CONFIGS / "tiny" / "v1-inference-tiny.yaml"
+
+
+@pytest.fixture(scope="module", params=["inpainting", "text-to-image"])
+def any_pipeline(request, tiny_pipeline: InpaintPipeline) -> InpaintPipeline:
+    """The tiny 9-channel inpainting pipeline, and a tiny 4-channel text-to-image one."""
+    if request.param == "inpainting":
+        return tiny_pipeline
+    config = load_config(TEXT_TO_IMAGE_TINY)
+    return InpaintPipeline(build_model(random_checkpoint(config, seed=5), config).model)
+
+
+def test_text_to_image_runs_for_both_model_kinds(any_pipeline: InpaintPipeline) -> None:
+    result = any_pipeline(prompt=PROMPT, height=64, width=48, steps=2, n_samples=2)
+    assert result.images.shape == (2, 3, 64, 48) and result.latents.shape == (2, 4, 8, 8)
+    assert result.steps_taken == result.unet_evaluations == 2
+    assert torch.isfinite(result.images).all()
+    assert not torch.allclose(result.latents[0], result.latents[1])
+
+
+def test_text_to_image_defaults_to_the_native_size(any_pipeline: InpaintPipeline) -> None:
+    """Checked through the start-latent shape, before any work: 512 px -> a 64 x 64 latent."""
+    assert any_pipeline.native_side == 512
+    with pytest.raises(LdmInpaintError, match=r"start latent must have shape \(1, 4, 64, 64\)"):
+        any_pipeline(prompt=PROMPT, steps=1, start_latent=torch.zeros(1, 4, 8, 8))
+
+
+def test_image_to_image_at_strength_1_is_text_to_image(any_pipeline: InpaintPipeline) -> None:
+    """At strength 1 the image sets only the size: an inpainting model sees it fully masked (mid-gray)."""
+    image = sample_image(64)
+    repainted = any_pipeline(image, None, PROMPT, steps=2, seed=3)
+    generated = any_pipeline(None, None, PROMPT, steps=2, seed=3, height=64, width=64)
+    assert torch.equal(repainted.latents, generated.latents)
+
+
+def test_image_to_image_keeps_more_of_the_image_at_lower_strength(any_pipeline: InpaintPipeline) -> None:
+    """10 DDIM steps at strength 0.1 take 1 step from timestep 1: the result is the image's latent up to
+    the small noise of that level; more strength, more change."""
+    image = sample_image(64)
+    original = any_pipeline.encode_image(_as_image_tensor(image)).float()
+    change = []
+    for strength, taken in [(0.1, 1), (0.3, 3), (1.0, 10)]:
+        result = any_pipeline(image, None, PROMPT, steps=10, strength=strength, guidance_scale=1.0)
+        assert result.steps_taken == result.unet_evaluations == taken
+        change.append((result.latents - original).abs().mean().item())
+    assert change[0] < change[1] < change[2] and change[0] < 0.05 * change[2]
+
+
+def test_text_to_image_conditions_an_inpainting_model_on_a_full_mask_of_mid_gray(
+    tiny_pipeline: InpaintPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The masked-image input is the latent of the all-masked (zero, mid-gray) image, as in training where a
+    quarter of the masks cover everything; the mask input is all ones."""
+    unet = tiny_pipeline.model.model.diffusion_model
+    inputs = []
+
+    def recording_forward(x_in, t, context):
+        inputs.append(x_in)
+        return type(unet).forward(unet, x_in, t, context)
+
+    monkeypatch.setattr(unet, "forward", recording_forward)
+    tiny_pipeline(None, None, PROMPT, height=64, width=64, steps=1, guidance_scale=1.0)
+    gray = tiny_pipeline.encode_image(torch.zeros(1, 3, 64, 64))
+    assert torch.equal(inputs[0][:, 4:5], torch.ones(1, 1, 8, 8))
+    assert torch.equal(inputs[0][:, 5:], gray)
+    assert gray.abs().max() > 0  # not a zero latent
+
+
+@pytest.mark.parametrize(
+    ("sampler", "steps", "strength", "taken", "evaluations"),
+    [
+        ("ddim", 6, 0.5, 3, 3),
+        ("plms", 6, 0.5, 3, 4),
+        ("heun", 4, 0.5, 2, 3),
+        ("dpmpp_2s_ancestral", 3, 1.0, 3, 5),
+    ],
+)
+def test_steps_taken_and_unet_evaluations(
+    tiny_pipeline: InpaintPipeline, sampler: str, steps: int, strength: float, taken: int, evaluations: int
+) -> None:
+    """DDIM on 6 steps has 7 on its grid: strength 0.5 keeps int(3.5) = 3. PLMS adds one call, Heun and DPM++
+    2S a two per step but the last. Guidance batches both branches into one UNet evaluation."""
+    ticks = []
+    result = tiny_pipeline(
+        sample_image(64),
+        sample_mask(64),
+        PROMPT,
+        sampler=sampler,
+        steps=steps,
+        strength=strength,
+        callback=lambda i, n: ticks.append((i, n)),
+    )
+    assert result.steps_taken == taken and ticks == [(i, taken) for i in range(taken)]
+    assert result.unet_evaluations == evaluations
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[int]:
+    """Wrap ``owner.name`` so that every call appends to the returned list."""
+    calls: list[int] = []
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def test_contexts_and_latents_are_memoized_across_calls(
+    any_pipeline: InpaintPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    any_pipeline.clear_memo()
+    text_calls = _count_calls(monkeypatch, any_pipeline.model.cond_stage_model, "forward")
+    vae_calls = _count_calls(monkeypatch, any_pipeline.model.first_stage_model, "encode")
+    image, mask = sample_image(64), sample_mask(64)
+    options = dict(steps=2, strength=0.5, negative_prompt=NEGATIVE)
+    any_pipeline(image, mask, PROMPT, **options)
+    # Prompt and negative prompt; the full image (start and blended known region) and, for an inpainting
+    # model, the masked image.
+    encodings = 2 if any_pipeline.config.is_inpainting else 1
+    assert (len(text_calls), len(vae_calls)) == (2, encodings)
+    any_pipeline(image, mask, PROMPT, **options, seed=9, sampler="euler")
+    assert (len(text_calls), len(vae_calls)) == (2, encodings)
+    any_pipeline(image, mask, "another prompt", **options)  # one new context, the negative one is kept
+    assert (len(text_calls), len(vae_calls)) == (3, encodings)
+    any_pipeline(image, mask, PROMPT, **options, vae_tiling=True)  # tiled encodings are other latents
+    assert (len(text_calls), len(vae_calls)) == (3, 2 * encodings)
+
+
+def test_memo_is_bounded(tiny_pipeline: InpaintPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny_pipeline.clear_memo()
+    text_calls = _count_calls(monkeypatch, tiny_pipeline.model.cond_stage_model, "forward")
+    prompts = [f"prompt {i}" for i in range(MEMO_SIZE + 1)]
+    for prompt in prompts:
+        tiny_pipeline._context([prompt], None)
+    tiny_pipeline._context([prompts[-1]], None)  # still held
+    assert len(text_calls) == MEMO_SIZE + 1
+    tiny_pipeline._context([prompts[0]], None)  # the oldest was dropped
+    assert len(text_calls) == MEMO_SIZE + 2
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (dict(strength=0.0), r"strength must be in \(0, 1\].*found 0.0"),
+        (dict(strength=1.5), r"strength must be in \(0, 1\].*found 1.5"),
+        (dict(strength=0.05, steps=10), "strength 0.05 keeps no step of 10; raise strength or steps"),
+        (dict(image=None, mask=None, strength=0.5), "strength 0.5 < 1 starts from a noised image: pass one"),
+        (dict(image=None), "a mask needs an image to inpaint"),
+        (dict(mask=None, paste_back=True), "act on a mask; without one"),
+        (dict(mask=None, mask_grow=3), "act on a mask; without one"),
+        (dict(image=None, mask=None, crop_to_mask=4), "act on a mask; without one"),
+    ],
+)
+def test_bad_strength_and_missing_inputs_are_clear_errors(
+    tiny_pipeline: InpaintPipeline, call: dict, message: str
+) -> None:
+    inputs = {"image": sample_image(64), "mask": sample_mask(64)}
+    inputs.update({key: call.pop(key) for key in ("image", "mask") if key in call})
+    with pytest.raises(LdmInpaintError, match=message):
+        tiny_pipeline(inputs["image"], inputs["mask"], PROMPT, **call)
