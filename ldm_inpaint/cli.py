@@ -18,6 +18,7 @@ from ldm_inpaint.checkpoint import load_model, sha256_file
 from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.models.packing import can_pack
 from ldm_inpaint.pipeline import InpaintPipeline, check_controls, check_options
+from ldm_inpaint.runtime import keep_freed_memory
 from ldm_inpaint.samplers import SAMPLERS
 from ldm_inpaint.tools import DTYPES as PRECISIONS
 from ldm_inpaint.tools import convert_main, inspect_main
@@ -274,6 +275,7 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
+    keep_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:])
@@ -297,7 +299,7 @@ def inpaint_main(argv: Sequence[str]) -> int:
             use_ema=args.use_ema,
             dtype=dtype,
             device=device,
-            pack=can_pack(device, dtype),
+            pack=can_pack(device, dtype) and not args.compile,
         )
         how = "detected from the checkpoint" if loaded.detected else "given"
         print(f"ldm-inpaint: config {loaded.config.name} ({how})", file=sys.stderr)

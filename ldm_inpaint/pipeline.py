@@ -219,9 +219,9 @@ class InpaintPipeline:
         compile: bool = False,
     ) -> InpaintPipeline:
         """Load a checkpoint (:func:`~ldm_inpaint.checkpoint.load_model`). ``pack``: pre-pack the convolution
-        weights for oneDNN (default: when the device is the CPU and the dtype float32 or bfloat16, see
-        :mod:`ldm_inpaint.models.packing`); ``compile``: see :class:`InpaintPipeline`."""
-        pack = can_pack(device, dtype) if pack is None else pack
+        weights for oneDNN (default: when the device is the CPU and the dtype float32 or bfloat16, unless
+        compiling, see :mod:`ldm_inpaint.models.packing`); ``compile``: see :class:`InpaintPipeline`."""
+        pack = can_pack(device, dtype) and not compile if pack is None else pack
         loaded = load_model(path, config, use_ema=use_ema, dtype=dtype, device=device, pack=pack)
         return cls(loaded.model, compile=compile)
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from ldm_inpaint.ablate import ablate_main
+from ldm_inpaint.cli import main
 
 if __name__ == "__main__":
-    sys.exit(ablate_main())
+    sys.exit(main(["ablate", *sys.argv[1:]]))

@@ -79,6 +79,8 @@ DIFFERENCES = (
     "Masked-image latent: ours takes the VAE posterior mean (deterministic), diffusers draws a sample.",
     "Text: each side runs its own tokenizer and text encoder on the same weights (diffusers: transformers' "
     "CLIPTextModel).",
+    "Allocator: ours runs with the glibc setting the ldm-inpaint command applies at start-up "
+    "(ldm_inpaint.runtime.keep_freed_memory); diffusers gets it only with --same-allocator.",
 )
 
 
@@ -124,6 +126,7 @@ class RunJob:
     seed: int
     warmup_calls: int
     compile: bool
+    same_allocator: bool
 
 
 # ------------------------------------------------------------------------------------- measurements
@@ -194,6 +197,9 @@ def start_latent(seed: int, size: int, dtype: torch.dtype) -> torch.Tensor:
 def load_ours(job: RunJob, watch: Stopwatch) -> Callable[[int], torch.Tensor]:
     """Our pipeline from the ``.ckpt``; returns ``run(steps) -> images``."""
     from ldm_inpaint.pipeline import InpaintPipeline
+    from ldm_inpaint.runtime import keep_freed_memory
+
+    keep_freed_memory()  # as the ldm-inpaint command does at start-up
 
     pipe = InpaintPipeline.from_checkpoint(
         job.checkpoint, job.config, device=job.device, dtype=DTYPES[job.precision], compile=job.compile
@@ -227,6 +233,11 @@ def load_diffusers(job: RunJob, watch: Stopwatch) -> Callable[[int], torch.Tenso
     """diffusers' pipeline from its saved folder; returns ``run(steps) -> images``."""
     from diffusers import StableDiffusionInpaintPipeline
     from diffusers.utils import logging
+
+    from ldm_inpaint.runtime import keep_freed_memory
+
+    if job.same_allocator:
+        keep_freed_memory()
 
     logging.set_verbosity_error()
     dtype = DTYPES[job.precision]
@@ -497,6 +508,7 @@ class Settings:
     seed: int
     warmup_calls: int
     compile: bool
+    same_allocator: bool
     matmul_size: int
     timeout: float
     workdir: Path
@@ -576,6 +588,7 @@ def check_settings(args: argparse.Namespace) -> Settings:
         seed=args.seed,
         warmup_calls=args.warmup_calls,
         compile=args.compile,
+        same_allocator=args.same_allocator,
         matmul_size=args.matmul_size,
         timeout=args.timeout,
         workdir=args.workdir,
@@ -704,6 +717,7 @@ def run_one(files: dict[str, Any], run: dict[str, Any], settings: Settings) -> d
         seed=settings.seed,
         warmup_calls=settings.warmup_calls,
         compile=settings.compile,
+        same_allocator=settings.same_allocator,
     )
     result = spawn("run", job, settings.threads, settings.timeout)
     if "error" not in result and not result["output_finite"]:
@@ -912,6 +926,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-calls", type=int, default=1, help="1-step calls before the measured one")
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile both UNets (the warm-up calls compile them)"
+    )
+    parser.add_argument(
+        "--same-allocator",
+        action="store_true",
+        help="give diffusers the allocator setting that ldm-inpaint applies at start-up (ldm_inpaint.runtime)",
     )
     parser.add_argument("--matmul-size", type=int, default=4096, help="side of the matmul peak measurement")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed to one worker process")

@@ -5,6 +5,8 @@
 - packing keeps the state dict (same keys, bit-identical values), loads new weights, and unpacks back to
   ``nn.Conv2d`` bit-identically;
 - what cannot be packed, or is fed to a packed model in the wrong dtype, is a clear error;
+- a whole pipeline run loaded packed (the CPU default) matches the same file loaded plain; ``compile`` wraps
+  the UNet that the denoiser calls;
 - ``release_file_pages`` gives back the pages of memory-mapped weights only, and the values read afterwards
   are still the file's; a model cast to bfloat16 from a mapped file holds exactly the cast weights.
 """
@@ -24,10 +26,12 @@ from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.models.autoencoder import AutoencoderKL
 from ldm_inpaint.models.packing import PackedConv2d, pack_convolutions, unpack_convolutions
 from ldm_inpaint.models.unet import UNetModel
+from ldm_inpaint.pipeline import InpaintPipeline
 from ldm_inpaint.random_weights import random_checkpoint
 
-from .conftest import TINY_CONFIGS
+from .conftest import FULL_CONFIGS, TINY_CONFIGS
 from .parity import assert_parity
+from .test_pipeline import PROMPT, sample_image, sample_mask
 from .test_precision import random_module
 
 
@@ -143,3 +147,45 @@ def test_a_cast_load_from_a_mapped_file_holds_the_cast_weights(tmp_path: Path) -
     assert list(cast) == list(expected)
     assert all(torch.equal(cast[key], expected[key]) for key in expected)
     assert all(value.dtype == torch.bfloat16 for value in cast.values() if value.is_floating_point())
+
+
+def run_pipelines(config_path: Path, tmp_path: Path, size: int, steps: int) -> None:
+    """A whole run of the pipeline loaded with packed convolutions (the CPU default) against the same file
+    loaded plain: the parity bar on the final latents and the images."""
+    config = load_config(config_path)
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": random_checkpoint(config, seed=3)}, path)
+    packed = InpaintPipeline.from_checkpoint(path, config)
+    plain = InpaintPipeline.from_checkpoint(path, config, pack=False)
+    assert any(isinstance(m, PackedConv2d) for m in packed.model.first_stage_model.modules())
+    assert not any(isinstance(m, PackedConv2d) for m in plain.model.modules())
+    image, mask = sample_image(size), sample_mask(size)
+    options = {"negative_prompt": "blurry", "steps": steps, "seed": 7}
+    expected, actual = plain(image, mask, PROMPT, **options), packed(image, mask, PROMPT, **options)
+    assert_parity(actual.latents, expected.latents)
+    assert_parity(actual.images, expected.images)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_packed_pipeline_run_matches_the_plain_one_tiny(version: str, tmp_path: Path) -> None:
+    run_pipelines(TINY_CONFIGS[version], tmp_path, size=64, steps=5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_packed_pipeline_run_matches_the_plain_one_full_size(version: str, tmp_path: Path) -> None:
+    run_pipelines(FULL_CONFIGS[version], tmp_path, size=256, steps=5)
+
+
+def test_compile_wraps_the_unet_the_denoiser_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build_model(random_checkpoint(load_config(TINY_CONFIGS["v1"]), seed=3), TINY_CONFIGS["v1"]).model
+    compiled = []
+
+    def fake_compile(module: nn.Module) -> nn.Module:
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    pipeline = InpaintPipeline(model, compile=True)
+    assert compiled == [model.model.diffusion_model] and pipeline.unet is model.model.diffusion_model
+    assert InpaintPipeline(model).unet is model.model.diffusion_model and len(compiled) == 1

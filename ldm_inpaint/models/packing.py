@@ -41,11 +41,14 @@ class PackedConv2d(nn.Module):
         self.packed_weight = self._pack(conv.weight)
         self.bias = conv.bias
 
-    def _pack(self, weight: Tensor) -> Tensor:
-        # (out, in, kh, kw) plain -> oneDNN's opaque blocked layout (same values, reordered once)
-        return torch._C._nn.mkldnn_reorder_conv2d_weight(
-            weight.detach().to(self.dtype).to_mkldnn(), self.padding, self.stride, self.dilation, self.groups
-        )
+    def _pack(self, weight: Tensor, input_shape: tuple[int, ...] | None = None) -> Tensor:
+        """(out, in, kh, kw) plain -> oneDNN's opaque blocked layout (same values), for ``input_shape`` when
+        given (recorded in ``packed_for``), else a generic one."""
+        args = (self.padding, self.stride, self.dilation, self.groups)
+        if input_shape is not None:
+            args = (*args, list(input_shape))
+        self.packed_for = input_shape
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.detach().to(self.dtype).to_mkldnn(), *args)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu" or x.dtype != self.dtype:
@@ -53,6 +56,10 @@ class PackedConv2d(nn.Module):
                 f"packed convolutions run on CPU in {self.dtype}, found a {x.dtype} input on {x.device}; "
                 "call ldm_inpaint.models.packing.unpack_convolutions(model) before moving or casting the model"
             )
+        if tuple(x.shape) != self.packed_for:
+            # oneDNN picks the layout that suits this input shape best (in float32 the generic one is slower
+            # than no packing at all); a new shape repacks once, from the packed copy itself.
+            self.packed_weight = self._pack(self.plain_weight(), tuple(x.shape))
         return torch.ops.mkldnn._convolution_pointwise(
             x,
             self.packed_weight,
