@@ -342,7 +342,8 @@ def load_model(
 
     ``pack``: store the UNet's and the VAE's convolution weights pre-packed for oneDNN
     (:mod:`ldm_inpaint.models.packing`; CPU, float32 or bfloat16): faster CPU inference in the same memory,
-    same ``state_dict()``. Each plain weight is freed (or its file pages given back) as it is packed."""
+    same ``state_dict()``. Each weight is packed on its first use, and the plain one then freed (or its file
+    pages given back)."""
     entries = read_checkpoint(path)
     try:
         loaded = build_model(entries, config, use_ema=use_ema, dtype=dtype, device=device, source=path)

@@ -17,11 +17,7 @@ from safetensors.torch import save_file
 
 import ldm_inpaint.ablate as ablate
 from ldm_inpaint.ablate import (
-    CAPTION_HEIGHT,
     COLUMNS,
-    GAP,
-    HEADER_HEIGHT,
-    LABEL_WIDTH,
     PARAMETERS,
     ablate_main,
     build_parser,
@@ -29,7 +25,14 @@ from ldm_inpaint.ablate import (
     mask_change,
 )
 from ldm_inpaint.config import load_config
-from ldm_inpaint.image_io import read_png_metadata
+from ldm_inpaint.image_io import (
+    CAPTION_HEIGHT,
+    FAILED_GRAY,
+    GAP,
+    HEADER_HEIGHT,
+    LABEL_WIDTH,
+    read_png_metadata,
+)
 from ldm_inpaint.models.unet import UNetModel
 from ldm_inpaint.random_weights import random_checkpoint
 from ldm_inpaint.tools import cast_floats
@@ -208,7 +211,7 @@ def test_failing_cell_is_recorded_and_the_others_run(
     with Image.open(out / "grid-photo-00000.png") as grid:
         grid.load()
     assert grid.size == (LABEL_WIDTH + 2 * (SIZE + GAP), HEADER_HEIGHT + SIZE + CAPTION_HEIGHT + GAP)
-    assert (tile(grid, 0, 1)[-1] == ablate.FAILED_GRAY).all()
+    assert (tile(grid, 0, 1)[-1] == FAILED_GRAY).all()
 
     # Again: the finished cell is skipped, the failed one tried (and recorded) again.
     unet_calls[0] = 0

@@ -4,7 +4,8 @@ On CPU, ``F.conv2d`` hands a plain (out, in, kh, kw) weight to oneDNN, which reo
 layout its kernels read **on every call**. For the SD UNet that reorder is a large part of a step: it is
 proportional to the weight, not to the image, so it dominates the small-resolution, many-channel levels (a
 1280-channel 3x3 conv at 8x8 latents runs 2-3x faster from a packed weight, in float32 and bfloat16 alike).
-:func:`pack_convolutions` reorders each weight once and keeps only the packed copy, so it costs no memory.
+:func:`pack_convolutions` makes each convolution reorder its weight once, on its first call (for that input
+shape), and keep only the packed copy from then on, so it costs no memory.
 
 The packed module computes the same convolution (oneDNN's own kernel, as ``F.conv2d`` uses; float32 results
 agree with the plain path to float32 rounding, see ``tests/test_packing.py``) and gives back the plain weight
@@ -26,10 +27,16 @@ PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class PackedConv2d(nn.Module):
-    """An ``nn.Conv2d`` (2-d, ``padding_mode="zeros"``) for CPU inference whose weight lives only in oneDNN's
-    blocked layout. ``state_dict()`` yields the plain ``weight`` and ``bias`` under the original keys."""
+    """An ``nn.Conv2d`` (2-d, ``padding_mode="zeros"``) for CPU inference whose weight is packed into oneDNN's
+    blocked layout for the input shape it meets, and then held only in that layout. ``state_dict()`` yields
+    the plain ``weight`` and ``bias`` under the original keys.
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    The plain weight is kept until the first call, which packs it for that input's shape (oneDNN picks the
+    layout that suits the shape: in float32 a shape-agnostic one is slower than no packing at all) and drops
+    it, handing it to ``release`` first. A later call with another shape repacks once, from the packed copy.
+    """
+
+    def __init__(self, conv: nn.Conv2d, release: Callable[[Tensor], object] | None = None) -> None:
         super().__init__()
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(f"only zero-padded convolutions with explicit padding pack, found {conv}")
@@ -38,17 +45,11 @@ class PackedConv2d(nn.Module):
         self.padding, self.dilation, self.groups = list(conv.padding), list(conv.dilation), conv.groups
         self.dtype = conv.weight.dtype
         self.weight_shape = tuple(conv.weight.shape)
-        self.packed_weight = self._pack(conv.weight)
+        self.unpacked: Tensor | None = conv.weight.detach()
+        self.packed_weight: Tensor | None = None
+        self.packed_for: tuple[int, ...] | None = None
+        self.release = release
         self.bias = conv.bias
-
-    def _pack(self, weight: Tensor, input_shape: tuple[int, ...] | None = None) -> Tensor:
-        """(out, in, kh, kw) plain -> oneDNN's opaque blocked layout (same values), for ``input_shape`` when
-        given (recorded in ``packed_for``), else a generic one."""
-        args = (self.padding, self.stride, self.dilation, self.groups)
-        if input_shape is not None:
-            args = (*args, list(input_shape))
-        self.packed_for = input_shape
-        return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.detach().to(self.dtype).to_mkldnn(), *args)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu" or x.dtype != self.dtype:
@@ -57,9 +58,7 @@ class PackedConv2d(nn.Module):
                 "call ldm_inpaint.models.packing.unpack_convolutions(model) before moving or casting the model"
             )
         if tuple(x.shape) != self.packed_for:
-            # oneDNN picks the layout that suits this input shape best (in float32 the generic one is slower
-            # than no packing at all); a new shape repacks once, from the packed copy itself.
-            self.packed_weight = self._pack(self.plain_weight(), tuple(x.shape))
+            self._pack(tuple(x.shape))
         return torch.ops.mkldnn._convolution_pointwise(
             x,
             self.packed_weight,
@@ -73,12 +72,24 @@ class PackedConv2d(nn.Module):
             "",
         )
 
+    def _pack(self, input_shape: tuple[int, ...]) -> None:
+        """(out, in, kh, kw) plain -> oneDNN's opaque blocked layout for ``input_shape`` (same values)."""
+        plain = self.plain_weight()
+        self.packed_weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            plain.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, list(input_shape)
+        )
+        self.packed_for = input_shape
+        if self.unpacked is not None:
+            if self.release is not None:
+                self.release(self.unpacked)
+            self.unpacked = None
+
     def plain_weight(self) -> Tensor:
         """The (out, in, kh, kw) weight in the ordinary layout, bit-identical to the packed one."""
-        return self.packed_weight.to_dense()
+        return self.unpacked if self.unpacked is not None else self.packed_weight.to_dense()
 
     def to_conv(self) -> nn.Conv2d:
-        """The equivalent ``nn.Conv2d`` (a fresh plain weight; the bias is shared)."""
+        """The equivalent ``nn.Conv2d`` (its weight is :meth:`plain_weight`; the bias is shared)."""
         with torch.device("meta"):
             conv = nn.Conv2d(
                 self.in_channels,
@@ -97,6 +108,7 @@ class PackedConv2d(nn.Module):
     def __deepcopy__(self, memo: dict) -> PackedConv2d:
         # oneDNN's opaque tensors have no storage to copy: repack a plain copy (the bias is copied too)
         conv = self.to_conv()
+        conv.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
         conv.bias = copy.deepcopy(self.bias, memo)
         return PackedConv2d(conv)
 
@@ -122,7 +134,8 @@ class PackedConv2d(nn.Module):
         elif tuple(weight.shape) != self.weight_shape:
             error_msgs.append(f"{key}: expected shape {self.weight_shape}, found {tuple(weight.shape)}")
         else:
-            self.packed_weight = self._pack(weight)
+            self.unpacked = weight.detach().to(self.dtype)
+            self.packed_weight, self.packed_for = None, None
         rest = {k: v for k, v in state_dict.items() if k != key}
         super()._load_from_state_dict(
             rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -146,23 +159,16 @@ def can_pack(device: torch.device | str, dtype: torch.dtype) -> bool:
 
 def pack_convolutions(model: nn.Module, release: Callable[[Tensor], object] | None = None) -> int:
     """Replace every ``nn.Conv2d`` of ``model`` (on CPU, float32 or bfloat16) by a :class:`PackedConv2d` in
-    place, one at a time, so that each plain weight can be freed as its packed copy is made; ``release`` is
-    called with each plain weight once it is packed (e.g. to give back the file pages of a memory-mapped
-    checkpoint, :func:`ldm_inpaint.checkpoint.release_file_pages`). Returns how many were packed."""
+    place. Each one packs its weight on its first call and then drops the plain weight, handing it to
+    ``release`` (e.g. to give back the file pages of a memory-mapped checkpoint,
+    :func:`ldm_inpaint.checkpoint.release_file_pages`). Returns how many were replaced."""
     for conv in model.modules():
         if isinstance(conv, nn.Conv2d) and not can_pack(conv.weight.device, conv.weight.dtype):
             raise LdmInpaintError(
                 f"convolutions pack on CPU in float32 or bfloat16 with oneDNN available, found "
                 f"{conv.weight.dtype} on {conv.weight.device}"
             )
-
-    def pack(conv: nn.Module) -> nn.Module:
-        packed = PackedConv2d(conv)
-        if release is not None:
-            release(conv.weight)
-        return packed
-
-    return _replace(model, nn.Conv2d, pack)
+    return _replace(model, nn.Conv2d, lambda conv: PackedConv2d(conv, release))
 
 
 def unpack_convolutions(model: nn.Module) -> int:
