@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionInpaintPipeline
+from diffusers import DDIMScheduler, EulerDiscreteScheduler
 from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint
 from PIL import Image
 
@@ -29,10 +29,10 @@ from ldm_inpaint.random_weights import random_checkpoint
 from ldm_inpaint.samplers import NOISE_FREE
 
 from .conftest import CONFIGS
-from .oracles import ORIGINAL_DDIM, diffusers_unet, diffusers_vae, original_yaml, tiny_text_cfg
+from .oracles import ORIGINAL_DDIM, tiny_text_cfg
 from .parity import assert_parity
 from .test_k_samplers import SD_TRAILING
-from .test_pipeline import NEGATIVE, PROMPT, reference_contexts, sample_image, sample_mask
+from .test_pipeline import NEGATIVE, PROMPT, diffusers_pipeline, reference_contexts, sample_image, sample_mask
 
 TINY_TEXT_TO_IMAGE = {
     "v1": CONFIGS / "tiny" / "v1-inference-tiny.yaml",
@@ -66,18 +66,7 @@ def diffusers_latents(
     embeddings of the independent text encoders (open_clip's tower built from ``text_cfg``, the tiny one by
     default); its final latents."""
     config = load_config(config_path)
-    raw = original_yaml(config_path)
-    pipe = StableDiffusionInpaintPipeline(
-        vae=diffusers_vae(raw, checkpoint),
-        text_encoder=None,
-        tokenizer=None,
-        unet=diffusers_unet(raw, checkpoint),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipeline(config_path, checkpoint, scheduler)
     with torch.no_grad():
         contexts = reference_contexts(
             config, checkpoint, [PROMPT, NEGATIVE], text_cfg or tiny_text_cfg(config.text_encoder)

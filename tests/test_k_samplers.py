@@ -124,12 +124,20 @@ def test_euler_ancestral_is_ddim_with_the_same_eta_on_the_same_grid(steps: int, 
     assert_parity(actual, expected)
 
 
-def dpmpp_2s_ancestral_reference(x_T: Tensor, steps: int, eta: float, generator: torch.Generator) -> Tensor:
+def dpmpp_2s_ancestral_reference(
+    x_T: Tensor,
+    steps: int,
+    eta: float,
+    generator: torch.Generator,
+    init: Tensor | None = None,
+    strength: float = 1.0,
+) -> Tensor:
     """k-diffusion's DPM++ 2S a written out in the LDM (VP) latent ``u = x / sqrt(sigma^2 + 1)`` with the
     ``alpha_t, sigma_t`` of Lu et al. 2022 (Algorithm 1, ``r_1 = 1/2``), in float64; numpy's interpolation
-    for the midpoint timestep. The noise is drawn like x_T, in float32."""
+    for the midpoint timestep. The noise is drawn like x_T, in float32. With ``init``: only the last
+    ``int(steps strength)`` steps of the trailing grid, from ``u = alpha init + sigma x_T``."""
     table = ((1 - ALPHAS_CUMPROD) / ALPHAS_CUMPROD).sqrt().numpy()
-    grid = [int(t) for t in np.arange(1000, 0, -1000 / steps).round() - 1]
+    grid = [int(t) for t in np.arange(1000, 0, -1000 / steps).round() - 1][steps - int(steps * strength) :]
     sigmas = [*table[grid], 0.0]
 
     def alpha_sigma(s: float) -> tuple[float, float]:  # VE sigma -> the VP (alpha_t, sigma_t)
@@ -141,7 +149,11 @@ def dpmpp_2s_ancestral_reference(x_T: Tensor, steps: int, eta: float, generator:
         eps = closed_form_denoiser(u, torch.full((u.shape[0],), float(t), dtype=torch.float32))
         return (u - sigma * eps) / alpha
 
-    u = x_T.double()
+    if init is None:
+        u = x_T.double()
+    else:
+        alpha_0, sigma_0 = alpha_sigma(sigmas[0])
+        u = alpha_0 * init.double() + sigma_0 * x_T.double()
     for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
         s_up = min(s_next, eta * math.sqrt(s_next**2 * (s**2 - s_next**2) / s**2))
         s_down = math.sqrt(s_next**2 - s_up**2)

@@ -72,10 +72,14 @@ def reference_contexts(
     return openclip_context(openclip_tower(params, text_cfg, weights), tokens, params.layer)
 
 
-def diffusers_pipeline(config_path: Path, checkpoint: dict) -> StableDiffusionInpaintPipeline:
+def diffusers_pipeline(
+    config_path: Path, checkpoint: dict, scheduler: object | None = None
+) -> StableDiffusionInpaintPipeline:
+    """diffusers' inpainting pipeline on the checkpoint's own UNet (4 or 9 channels) and VAE, without text
+    encoder (prompt embeddings are passed in); ``scheduler`` defaults to DDIM configured as the original."""
     raw = original_yaml(config_path)
-    scheduler = DDIMScheduler(**ORIGINAL_DDIM, clip_sample=False)
-    return StableDiffusionInpaintPipeline(
+    scheduler = scheduler or DDIMScheduler(**ORIGINAL_DDIM, clip_sample=False)
+    pipe = StableDiffusionInpaintPipeline(
         vae=diffusers_vae(raw, checkpoint),
         text_encoder=None,
         tokenizer=None,
@@ -85,6 +89,8 @@ def diffusers_pipeline(config_path: Path, checkpoint: dict) -> StableDiffusionIn
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def run_parity(config_path: Path, size: int, steps: int, scale: float, text_cfg: dict | None = None) -> None:

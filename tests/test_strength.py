@@ -5,9 +5,6 @@ over the closed-form denoiser of ``test_k_samplers``."""
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, PNDMScheduler
@@ -21,7 +18,13 @@ from .conftest import FULL_CONFIGS, TINY_CONFIGS
 from .oracles import ORIGINAL_DDIM
 from .parity import assert_parity
 from .test_blended import posterior_mean, run_strength_parity  # noqa: F401 (a fixture)
-from .test_k_samplers import ALPHAS_CUMPROD, DIFFUSERS, closed_form_denoiser, start_noise
+from .test_k_samplers import (
+    ALPHAS_CUMPROD,
+    DIFFUSERS,
+    closed_form_denoiser,
+    dpmpp_2s_ancestral_reference,
+    start_noise,
+)
 
 # The sampler -> its diffusers scheduler (DDIM on the original grid; the rest as in test_k_samplers).
 SCHEDULERS = {**DIFFUSERS, "ddim": lambda: DDIMScheduler(**ORIGINAL_DDIM, clip_sample=False)}
@@ -96,56 +99,12 @@ def test_plms_strength_matches_diffusers_pndm(steps: int, strength: float) -> No
     assert counted.calls == len(kept) + 1
 
 
-def dpmpp_2s_ancestral_from_init(
-    x_T: Tensor, init: Tensor, steps: int, strength: float, eta: float
-) -> Tensor:
-    """k-diffusion's DPM++ 2S a from a noised clean latent, written out in the VP latent ``u`` with the
-    ``alpha_t, sigma_t`` of Lu et al. 2022 (Algorithm 1, ``r_1 = 1/2``) in float64: the last ``int(steps
-    strength)`` steps of the trailing grid, from ``u = alpha init + sigma x_T``. The noise is drawn like
-    x_T."""
-    table = ((1 - ALPHAS_CUMPROD) / ALPHAS_CUMPROD).sqrt().numpy()
-    grid = [int(t) for t in np.arange(1000, 0, -1000 / steps).round() - 1][steps - int(steps * strength) :]
-    sigmas = [*table[grid], 0.0]
-    generator = torch.Generator().manual_seed(1)
-
-    def alpha_sigma(s: float) -> tuple[float, float]:  # VE sigma -> the VP (alpha_t, sigma_t)
-        return 1 / math.sqrt(1 + s**2), s / math.sqrt(1 + s**2)
-
-    def data_pred(u: Tensor, s: float) -> Tensor:
-        t = np.interp(np.log(s), np.log(table), np.arange(1000))
-        alpha, sigma = alpha_sigma(s)
-        eps = closed_form_denoiser(u, torch.full((u.shape[0],), float(t), dtype=torch.float32))
-        return (u - sigma * eps) / alpha
-
-    alpha_0, sigma_0 = alpha_sigma(sigmas[0])
-    u = alpha_0 * init.double() + sigma_0 * x_T.double()
-    for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-        s_up = min(s_next, eta * math.sqrt(s_next**2 * (s**2 - s_next**2) / s**2))
-        s_down = math.sqrt(s_next**2 - s_up**2)
-        x0 = data_pred(u, s)
-        if s_down == 0:
-            u = x0
-        else:
-            (a_s, sig_s), (a_d, sig_d) = alpha_sigma(s), alpha_sigma(s_down)
-            lam_s, lam_d = math.log(a_s / sig_s), math.log(a_d / sig_d)
-            h = lam_d - lam_s
-            s_mid = math.exp(-(lam_s + h / 2))
-            a_m, sig_m = alpha_sigma(s_mid)
-            u_mid = sig_m / sig_s * u - a_m * (math.exp(-h / 2) - 1) * x0
-            u = sig_d / sig_s * u - a_d * (math.exp(-h) - 1) * data_pred(u_mid, s_mid)
-        x = u / a_d if s_down > 0 else u
-        if s_up > 0:
-            x = x + s_up * torch.randn(x.shape, generator=generator).double()
-        u = x * alpha_sigma(s_next)[0]
-    return u
-
-
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @pytest.mark.parametrize(("steps", "strength"), [(10, 0.6), (25, 0.35)])
 def test_dpmpp_2s_ancestral_strength_matches_a_recomputation(steps: int, strength: float, eta: float) -> None:
     """diffusers has no DPM++ 2S a scheduler: the oracle is an independent re-computation."""
     x_T, init = start_noise(), clean_latent()
-    expected = dpmpp_2s_ancestral_from_init(x_T, init, steps, strength, eta)
+    expected = dpmpp_2s_ancestral_reference(x_T, steps, eta, torch.Generator().manual_seed(1), init, strength)
     actual = dpmpp_2s_ancestral(
         closed_form_denoiser,
         x_T,
