@@ -108,11 +108,19 @@ def _use_tiling(latent_size: Sequence[int], tile: bool | None) -> bool:
 
 
 def _float32_copy(vae: AutoencoderKL) -> AutoencoderKL:
-    """A float32 twin of ``vae`` with plain convolutions (the same weights, upcast exactly: about 330 MB for
-    SD's VAE)."""
+    """A float32 twin of ``vae`` with plain convolutions and the same attention slicing (the same weights,
+    upcast exactly: about 330 MB for SD's VAE)."""
     with torch.device("meta"):
         twin = AutoencoderKL(vae.params)
     twin.load_state_dict({key: value.float() for key, value in vae.state_dict().items()}, assign=True)
+    slices = {
+        name: module.attention_slice
+        for name, module in vae.named_modules()
+        if hasattr(module, "attention_slice")
+    }
+    for name, module in twin.named_modules():
+        if name in slices:
+            module.attention_slice = slices[name]
     return twin.eval()
 
 
