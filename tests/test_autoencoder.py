@@ -116,3 +116,61 @@ def test_diagonal_gaussian() -> None:
     out_of_range = torch.tensor([-100.0, -30.5, 19.5, 100.0]).view(1, 4, 1, 1)
     clamped = DiagonalGaussian(torch.cat([torch.zeros(1, 4, 1, 1), out_of_range], dim=1)).logvar
     assert clamped.flatten().tolist() == [-30.0, -30.0, 19.5, 20.0]
+
+
+def tiny_vae() -> AutoencoderKL:
+    ours, _ = build_pair(TINY_CONFIGS["v1"], seed=0)
+    return ours
+
+
+def test_inference_overwrites_temporaries_without_changing_values() -> None:
+    """Under inference the blocks write silu and the residual sums into their own temporaries; the values
+    are those of the autograd path, bit for bit, and gradients still flow when autograd is on."""
+    vae = tiny_vae()
+    generator = torch.Generator().manual_seed(3)
+    x = torch.rand(1, 3, 64, 48, generator=generator) * 2 - 1
+    z = torch.randn(1, 4, 8, 6, generator=generator)
+    with torch.inference_mode():
+        fast_mean, fast_image = vae.encode(x).mean, vae.decode(z)
+    vae.requires_grad_(True)
+    z_grad = z.clone().requires_grad_(True)
+    image = vae.decode(z_grad)
+    assert torch.equal(vae.encode(x).mean.detach(), fast_mean)
+    assert torch.equal(image.detach(), fast_image)
+    image.square().mean().backward()
+    assert z_grad.grad is not None and torch.isfinite(z_grad.grad).all() and z_grad.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in vae.decoder.parameters())
+
+
+@pytest.mark.parametrize("scope", ["module", "global"])
+def test_forward_hooks_keep_the_outputs_they_saw(scope: str) -> None:
+    """A forward hook may keep a reference to a norm's or a conv's output (to record activations): those
+    outputs are then left as computed, not overwritten by the swish or the residual sum that follow."""
+    vae = tiny_vae()
+    block = vae.decoder.mid.block_1
+    seen: dict[str, torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(module: torch.nn.Module, args: tuple[torch.Tensor], output: torch.Tensor) -> None:
+            if module is getattr(block, name):
+                inputs[name], seen[name] = args[0].clone(), output
+        return hook
+
+    handles = []
+    for name in ("norm1", "conv2"):
+        hook = keep(name)
+        if scope == "module":
+            handles.append(getattr(block, name).register_forward_hook(hook))
+        else:
+            handles.append(torch.nn.modules.module.register_module_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            vae.decode(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4)))
+            expected_norm = block.norm1(inputs["norm1"])
+            expected_conv = block.conv2(inputs["conv2"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(seen["norm1"], expected_norm)
+    assert torch.equal(seen["conv2"], expected_conv)
