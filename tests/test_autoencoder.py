@@ -155,6 +155,7 @@ def test_forward_hooks_keep_the_outputs_they_saw(scope: str) -> None:
         def hook(module: torch.nn.Module, args: tuple[torch.Tensor], output: torch.Tensor) -> None:
             if module is getattr(block, name):
                 inputs[name], seen[name] = args[0].clone(), output
+
         return hook
 
     handles = []
