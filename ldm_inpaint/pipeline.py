@@ -54,6 +54,7 @@ from ldm_inpaint.models.autoencoder import AutoencoderKL
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 from ldm_inpaint.models.packing import can_pack
 from ldm_inpaint.models.tiling import decode_tiled, encode_tiled
+from ldm_inpaint.runtime import fresh_large_blocks
 from ldm_inpaint.samplers import NOISE_FREE, SAMPLERS, grid_steps
 from ldm_inpaint.samplers.noise import kept_steps
 from ldm_inpaint.schedule import alphas_cumprod
@@ -206,7 +207,8 @@ class InpaintPipeline:
 
     def __init__(self, model: LatentDiffusion, *, compile: bool = False) -> None:
         """``compile``: run the UNet through ``torch.compile`` (the first call compiles it, which takes
-        minutes; it pays off over many images of one size)."""
+        minutes). Meant for GPUs, over many images of one size: on the 2-core CPU of the README's benchmark,
+        the compiled UNet was slower than the default packed eager one."""
         self.model = model
         self.unet = torch.compile(model.model.diffusion_model) if compile else model.model.diffusion_model
         self.config: ModelConfig = model.config
@@ -289,13 +291,17 @@ class InpaintPipeline:
     def _run_vae(self, run: Callable[[AutoencoderKL, Tensor], Tensor], x: Tensor, what: str) -> Tensor:
         """``run(vae, x)``. Half precision can overflow in the VAE (inf, then NaN): if the result is not
         finite, it is computed again with a float32 copy of the VAE, with one warning. Never returns a
-        non-finite result."""
+        non-finite result. Runs inside :func:`~ldm_inpaint.runtime.fresh_large_blocks` (a lean allocator
+        mode for the VAE's large activations, when the process chose it)."""
         vae = self.model.first_stage_model
-        out = run(vae, x)
-        if out.dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(out).all():
-            half = str(out.dtype).removeprefix("torch.")
-            warnings.warn(f"VAE {what} gave NaN/inf in {half} (overflow): redone in float32", stacklevel=3)
-            out = run(_float32_copy(vae), x.float())
+        with fresh_large_blocks():
+            out = run(vae, x)
+            if out.dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(out).all():
+                half = str(out.dtype).removeprefix("torch.")
+                warnings.warn(
+                    f"VAE {what} gave NaN/inf in {half} (overflow): redone in float32", stacklevel=3
+                )
+                out = run(_float32_copy(vae), x.float())
         if not torch.isfinite(out).all():
             raise LdmInpaintError(f"VAE {what} produced non-finite values (NaN/inf) in {out.dtype}")
         return out

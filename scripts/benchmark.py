@@ -80,7 +80,8 @@ DIFFERENCES = (
     "Text: each side runs its own tokenizer and text encoder on the same weights (diffusers: transformers' "
     "CLIPTextModel).",
     "Allocator: ours runs with the glibc setting the ldm-inpaint command applies at start-up "
-    "(ldm_inpaint.runtime.keep_freed_memory); diffusers gets it only with --same-allocator.",
+    "(ldm_inpaint.runtime.keep_freed_memory; with --lean-memory, its lean mode); diffusers gets it only with "
+    "--same-allocator.",
 )
 
 
@@ -127,6 +128,7 @@ class RunJob:
     warmup_calls: int
     compile: bool
     same_allocator: bool
+    lean_memory: bool
 
 
 # ------------------------------------------------------------------------------------- measurements
@@ -199,7 +201,7 @@ def load_ours(job: RunJob, watch: Stopwatch) -> Callable[[int], torch.Tensor]:
     from ldm_inpaint.pipeline import InpaintPipeline
     from ldm_inpaint.runtime import keep_freed_memory
 
-    keep_freed_memory()  # as the ldm-inpaint command does at start-up
+    keep_freed_memory(lean=job.lean_memory)  # as the ldm-inpaint command does at start-up
 
     pipe = InpaintPipeline.from_checkpoint(
         job.checkpoint, job.config, device=job.device, dtype=DTYPES[job.precision], compile=job.compile
@@ -509,6 +511,7 @@ class Settings:
     warmup_calls: int
     compile: bool
     same_allocator: bool
+    lean_memory: bool
     matmul_size: int
     timeout: float
     workdir: Path
@@ -589,6 +592,7 @@ def check_settings(args: argparse.Namespace) -> Settings:
         warmup_calls=args.warmup_calls,
         compile=args.compile,
         same_allocator=args.same_allocator,
+        lean_memory=args.lean_memory,
         matmul_size=args.matmul_size,
         timeout=args.timeout,
         workdir=args.workdir,
@@ -718,6 +722,7 @@ def run_one(files: dict[str, Any], run: dict[str, Any], settings: Settings) -> d
         warmup_calls=settings.warmup_calls,
         compile=settings.compile,
         same_allocator=settings.same_allocator,
+        lean_memory=settings.lean_memory,
     )
     result = spawn("run", job, settings.threads, settings.timeout)
     if "error" not in result and not result["output_finite"]:
@@ -931,6 +936,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--same-allocator",
         action="store_true",
         help="give diffusers the allocator setting that ldm-inpaint applies at start-up (ldm_inpaint.runtime)",
+    )
+    parser.add_argument(
+        "--lean-memory",
+        action="store_true",
+        help="run ours as ldm-inpaint --lean-memory (ldm_inpaint.runtime)",
     )
     parser.add_argument("--matmul-size", type=int, default=4096, help="side of the matmul peak measurement")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed to one worker process")

@@ -193,6 +193,19 @@ def test_image_to_image_with_strength(checkpoint: Path, tmp_path: Path) -> None:
         assert result.size == (64, 48)
 
 
+def test_lean_memory_sets_the_lean_allocator_mode(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    monkeypatch.setattr("ldm_inpaint.cli.keep_freed_memory", lambda **options: calls.append(options) or True)
+    image, mask = write_pair(tmp_path / "in", "photo")
+    args = [*base_args(checkpoint, tmp_path / "out"), "--image", str(image), "--mask", str(mask)]
+    assert main(args) == 0
+    assert calls == [{}]  # start-up: memory kept for reuse everywhere
+    assert main([*args, "--lean-memory"]) == 0
+    assert calls == [{}, {}, {"lean": True}]
+
+
 def test_text_to_image_numbers_its_outputs(checkpoint: Path, tmp_path: Path, capsys) -> None:
     outdir = tmp_path / "out"
     args = [*base_args(checkpoint, outdir), "--height", "32", "--width", "64"]

@@ -7,6 +7,8 @@ independent text encoders (transformers / open_clip), its masked-image latent fr
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +165,34 @@ def test_same_seed_is_bit_identical_and_seeds_differ(tiny_pipeline: InpaintPipel
     # eta > 0 draws fresh noise at each step from the seeded generator: it must change the result.
     deterministic = tiny_pipeline(image, mask, PROMPT, **{**options, "eta": 0.0})
     assert not torch.allclose(first.latents, deterministic.latents)
+
+
+def test_vae_runs_inside_the_lean_allocator_block(
+    tiny_pipeline: InpaintPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inside, seen = [False], []
+
+    @contextmanager
+    def recording_block() -> Iterator[None]:
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr("ldm_inpaint.pipeline.fresh_large_blocks", recording_block)
+    vae = tiny_pipeline.model.first_stage_model
+    hooks = [
+        part.register_forward_pre_hook(lambda module, args, name=name: seen.append((name, inside[0])))
+        for name, part in (("encoder", vae.encoder), ("decoder", vae.decoder))
+    ]
+    try:
+        tiny_pipeline.clear_memo()
+        tiny_pipeline(sample_image(64), sample_mask(64), PROMPT, steps=2)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert {name for name, _ in seen} == {"encoder", "decoder"} and all(flag for _, flag in seen)
 
 
 def test_start_noise_is_the_original_demo_code() -> None:

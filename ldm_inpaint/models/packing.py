@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm_inpaint.errors import LdmInpaintError
+from ldm_inpaint.runtime import fresh_large_blocks
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -75,9 +76,11 @@ class PackedConv2d(nn.Module):
     def _pack(self, input_shape: tuple[int, ...]) -> None:
         """(out, in, kh, kw) plain -> oneDNN's opaque blocked layout for ``input_shape`` (same values)."""
         plain = self.plain_weight()
-        self.packed_weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
-            plain.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, list(input_shape)
-        )
+        # In the lean allocator mode, if chosen, the weight-sized temporaries leave no holes in the heap.
+        with fresh_large_blocks():
+            self.packed_weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                plain.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, list(input_shape)
+            )
         self.packed_for = input_shape
         if self.unpacked is not None:
             if self.release is not None:
