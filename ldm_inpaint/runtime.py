@@ -12,8 +12,8 @@ the UNet's freed blocks nor, often, each other's, so the heap grows by a varying
 for the same SD1.5 512 px process); the first call's one-off packing of convolution weights leaves weight-sized
 temporaries (up to 118 MB) behind too. The lean mode serves both as glibc normally would: the heap's free pages
 are given back before each VAE call and each packing, and blocks of 32 MiB or more get their own mapping,
-returned on free, for its duration. Peak memory is then what the VAE holds at once (6.1 GB in that process,
-every run), at the cost of the page faults (about 10 % of a 512 px float32 call on that machine).
+returned on free, for its duration. Peak memory is then what the VAE holds at once (6.1 GB in that process, in
+both runs), at the cost of the page faults (about 10 % of a 512 px float32 call on that machine).
 """
 
 from __future__ import annotations
