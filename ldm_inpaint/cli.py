@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--lean-memory",
         action="store_true",
-        help="CPU: lower, steadier peak memory; the VAE's large activations are mapped afresh on every call "
-        "instead of reused (about 10 %% slower at 512x512 in fp32)",
+        help="CPU: lower, steadier peak memory; the VAE's large activations and the one-off weight packing get "
+        "memory of their own instead of reusing the heap (about 10 %% slower at 512x512 in fp32)",
     )
     parser.add_argument(
         "--vae-tiling",

@@ -45,9 +45,9 @@ def _libc() -> ctypes.CDLL | None:
 def keep_freed_memory(*, lean: bool = False) -> bool:
     """Make glibc keep freed memory for reuse (``M_MMAP_MAX = 0``: large blocks come from the heap;
     ``M_TRIM_THRESHOLD`` 2 GiB: the heap top is given back only beyond that). ``lean``: except in VAE calls
-    (see :func:`fresh_large_blocks`). Returns whether the setting was applied (False on systems without
-    glibc). The process keeps its peak heap until it exits: for a command that runs one model, that is the
-    memory it needs anyway."""
+    and weight packing (see :func:`fresh_large_blocks`). Returns whether the setting was applied (False on
+    systems without glibc). The process keeps its peak heap until it exits: for a command that runs one
+    model, that is the memory it needs anyway."""
     global _lean
     libc = _libc()
     if libc is None:
