@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the UNet (the first image takes minutes longer; meant for GPUs: on CPU the default "
-        "packed path measured faster, see README)",
+        help="torch.compile the UNet (the first image takes minutes longer; pays off over many images; on CPU the "
+        "weights are frozen into the compiled graph, a second, packed copy of them)",
     )
     parser.add_argument(
         "--lean-memory",

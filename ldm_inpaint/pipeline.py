@@ -42,12 +42,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL.Image import Image
-from torch import Tensor
+from torch import Tensor, nn
 
 from ldm_inpaint import image_io, masks
 from ldm_inpaint.checkpoint import load_model
 from ldm_inpaint.config import ModelConfig
-from ldm_inpaint.denoiser import Blend, CountedDenoiser, make_denoiser
+from ldm_inpaint.denoiser import Blend, CountedDenoiser, UNet, make_denoiser
 from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.masks import MaskMode
 from ldm_inpaint.models.autoencoder import AutoencoderKL
@@ -149,6 +149,25 @@ def _digest(x: Tensor) -> tuple[tuple[int, ...], torch.dtype, str]:
     return tuple(x.shape), x.dtype, hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()
 
 
+def compile_unet(unet: nn.Module) -> UNet:
+    """``torch.compile(unet)``; on CPU, with inductor's weight freezing for this UNet's calls only: its weights
+    become constants of the compiled graph, pre-packed for oneDNN, with elementwise work fused into the
+    convolutions (bfloat16 at 256 px on the README's benchmark machine: 0.43-0.46 s a step against 0.53-0.63 s
+    eager; float32: 1.52-1.54 against 1.72-1.93 s). The frozen constants are a second copy of the UNet's
+    weights (float32 at 256 px: peak 10.1 GB against 5.1 GB eager), and the compiled graph does not see weights
+    changed after its first call: build a new pipeline to run edited weights."""
+    compiled = torch.compile(unet)
+    if next(unet.parameters()).device.type != "cpu":
+        return compiled
+    from torch._inductor import config as inductor_config
+
+    def frozen(*args: Tensor, **kwargs: Tensor) -> Tensor:
+        with inductor_config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+
+    return frozen
+
+
 def check_options(
     sampler: str,
     steps: int,
@@ -206,11 +225,10 @@ class InpaintPipeline:
     """
 
     def __init__(self, model: LatentDiffusion, *, compile: bool = False) -> None:
-        """``compile``: run the UNet through ``torch.compile`` (the first call compiles it, which takes
-        minutes). Meant for GPUs, over many images of one size: on the 2-core CPU of the README's benchmark,
-        the compiled UNet was slower than the default packed eager one."""
+        """``compile``: run the UNet through :func:`compile_unet` (the first call compiles it, which takes
+        minutes; it pays off over many images of one size)."""
         self.model = model
-        self.unet = torch.compile(model.model.diffusion_model) if compile else model.model.diffusion_model
+        self.unet = compile_unet(model.model.diffusion_model) if compile else model.model.diffusion_model
         self.config: ModelConfig = model.config
         self.alphas_cumprod = alphas_cumprod(self.config.schedule)
         self._contexts = _Memo()

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.models.autoencoder import AutoencoderKL
 from ldm_inpaint.models.packing import PackedConv2d, pack_convolutions, unpack_convolutions
 from ldm_inpaint.models.unet import UNetModel
-from ldm_inpaint.pipeline import InpaintPipeline
+from ldm_inpaint.pipeline import InpaintPipeline, compile_unet
 from ldm_inpaint.random_weights import random_checkpoint
 
 from .conftest import FULL_CONFIGS, TINY_CONFIGS
@@ -177,15 +178,36 @@ def test_packed_pipeline_run_matches_the_plain_one_full_size(version: str, tmp_p
     run_pipelines(FULL_CONFIGS[version], tmp_path, size=256, steps=5)
 
 
-def test_compile_wraps_the_unet_the_denoiser_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.slow
+def test_compiled_frozen_unet_matches_eager_tiny() -> None:
+    # A real inductor compile (with weight freezing on CPU), so the slow suite: about a minute on 2 cores.
     model = build_model(random_checkpoint(load_config(TINY_CONFIGS["v1"]), seed=3), TINY_CONFIGS["v1"]).model
-    compiled = []
+    unet = model.model.diffusion_model
+    compiled = compile_unet(unet)
+    generator = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 9, 8, 8, generator=generator), torch.randn(2, 77, 32, generator=generator)
+    with torch.inference_mode():
+        for t in (torch.tensor([999, 999]), torch.tensor([10, 10])):
+            assert_parity(compiled(x, t, context), unet(x, t, context))
 
-    def fake_compile(module: nn.Module) -> nn.Module:
+
+def test_compile_wraps_the_unet_the_denoiser_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch._inductor import config as inductor_config
+
+    model = build_model(random_checkpoint(load_config(TINY_CONFIGS["v1"]), seed=3), TINY_CONFIGS["v1"]).model
+    compiled, freezing = [], []
+
+    def fake_compile(module: nn.Module) -> Callable[..., torch.Tensor]:
         compiled.append(module)
-        return module
+        return lambda *args: freezing.append(inductor_config.freezing) or module(*args)
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     pipeline = InpaintPipeline(model, compile=True)
-    assert compiled == [model.model.diffusion_model] and pipeline.unet is model.model.diffusion_model
-    assert InpaintPipeline(model).unet is model.model.diffusion_model and len(compiled) == 1
+    assert compiled == [model.model.diffusion_model]
+    unet = model.model.diffusion_model
+    x, t, context = torch.randn(1, 9, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32)
+    with torch.inference_mode():
+        assert torch.equal(pipeline.unet(x, t, context), unet(x, t, context))
+    # On CPU the compiled UNet runs under inductor's weight freezing, and only inside its own calls.
+    assert freezing == [True] and not inductor_config.freezing
+    assert InpaintPipeline(model).unet is unet and len(compiled) == 1
