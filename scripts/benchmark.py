@@ -246,8 +246,10 @@ def load_diffusers(job: RunJob, watch: Stopwatch) -> Callable[[int], torch.Tenso
     pipe = StableDiffusionInpaintPipeline.from_pretrained(job.diffusers_dir, torch_dtype=dtype).to(job.device)
     pipe.set_progress_bar_config(disable=True)
     if job.compile:
-        if job.device == "cpu":  # as ours compiles on CPU (ldm_inpaint.pipeline.compile_unet); this worker
-            from torch._inductor import config as inductor_config  # runs diffusers only
+        if job.device == "cpu":
+            # Weight freezing, as ours compiles on CPU (ldm_inpaint.pipeline.compile_unet); set for the whole
+            # process, which runs diffusers only.
+            from torch._inductor import config as inductor_config
 
             inductor_config.freezing = True
         pipe.unet = torch.compile(pipe.unet)
