@@ -608,7 +608,9 @@ def check_settings(args: argparse.Namespace) -> Settings:
 
 def unet_flops(config_path: Path, size: int) -> int:
     """FLOPs of one UNet call at batch 2 (a guided step) on size x size images, counted on the meta device
-    (shapes only: no weights, no time)."""
+    (shapes only: no weights, no time). Attention runs on SDPA's math backend, whose matmuls every torch
+    release counts (a fused kernel's FLOPs are counted by some releases and not by others)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     from ldm_inpaint.config import load_config
@@ -621,7 +623,7 @@ def unet_flops(config_path: Path, size: int) -> int:
         x = torch.empty(2, params.in_channels, latent, latent)
         context = torch.empty(2, 77, params.context_dim)
         t = torch.full((2,), 500.0)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
         unet(x, t, context)
     return counter.get_total_flops()
 
