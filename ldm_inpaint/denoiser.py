@@ -9,11 +9,12 @@ concat conditioning, blended latent diffusion for models without it, classifier-
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
+
+from ldm_inpaint.conditioning import Blend, unet_input
+from ldm_inpaint.parameterization import Parameterization, check_parameterization, v_to_eps
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 """``denoiser(x, t) -> eps``: x (b, 4, h, w) the noisy latent; t (b,) float timesteps, maybe fractional."""
@@ -22,48 +23,13 @@ UNet = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``unet(x_in, t, context) -> output``, e.g. the SD UNet: x_in (b, c, h, w), t (b,), context (b, 77, d)."""
 
 
-@dataclass(frozen=True)
-class Blend:
-    """Blended latent diffusion (Avrahami et al. 2023, "Blended Latent Diffusion", Algorithm 1): inpainting
-    with a text-to-image (4-channel) model by keeping the known region on the forward-diffusion path of the
-    original latent.
-
-    ``known`` (1 or b, 4, h, w) is the clean latent x0 of the original image, ``keep`` (1 or b, 1, h, w) is 1
-    where it is kept (the mask's 0 at latent size) and 0 where the model repaints, ``noise`` (b, 4, h, w) the
-    run's start noise. Before each UNet call at timestep ``t`` the known region of ``x_t`` is replaced by x0
-    diffused to ``t`` with that noise (Ho et al. 2020, eq. 4):
-
-    ``x_t <- keep (sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise) + (1 - keep) x_t``.
-
-    Every sampler update is elementwise in ``x_t``, so the repainted region evolves exactly as with the
-    paper's (and diffusers') "blend after each step"; the sampler's own state in the known region is never
-    read back, and the caller sets the final latent there to x0. One difference with diffusers remains: at
-    strength 1 its first UNet call sees pure noise everywhere, here the known region is x0 diffused to the
-    first timestep already, as in the paper's Algorithm 1. ``alpha_bar_t`` is that of the timestep the
-    sampler passes, interpolated linearly between integers; where a sigma sampler rounds its timestep (the
-    Karras grid) or passes a fractional one (DPM++ 2S a midpoints, log-sigma interpolation), the known region
-    sits at a slightly different noise level from the repainted one: a small mismatch, not an error.
-    """
-
-    known: Tensor
-    keep: Tensor
-    noise: Tensor
-
-    def __call__(self, x: Tensor, alpha_bar: Tensor) -> Tensor:
-        """``x`` (b, 4, h, w) with its known region replaced; ``alpha_bar`` (b,) of each sample's timestep."""
-        # (b,) -> (b, 1, 1, 1)
-        alpha_bar = alpha_bar.to(x.dtype)[:, None, None, None]
-        diffused = alpha_bar.sqrt() * self.known.to(x) + (1.0 - alpha_bar).sqrt() * self.noise.to(x)
-        return torch.where(self.keep.to(x.device) > 0.5, diffused, x)
-
-
 def make_denoiser(
     unet: UNet,
     context: Tensor,
     uncond_context: Tensor | None,
     guidance_scale: float,
     concat: Tensor | None,
-    parameterization: Literal["eps", "v"],
+    parameterization: Parameterization,
     alphas_cumprod: Tensor,
     blend: Blend | None = None,
 ) -> Denoiser:
@@ -85,8 +51,7 @@ def make_denoiser(
     The UNet inputs are cast to ``context.dtype`` (the model's dtype); ``t`` is passed as given and the result
     is returned in the dtype of ``x``.
     """
-    if parameterization not in ("eps", "v"):
-        raise ValueError(f"parameterization must be 'eps' or 'v', found {parameterization!r}")
+    check_parameterization(parameterization)
     guided = guidance_scale != 1.0
     if guided and uncond_context is None:
         raise ValueError(f"guidance_scale {guidance_scale} needs an unconditional context, found None")
@@ -97,8 +62,7 @@ def make_denoiser(
         if blend is not None:
             x = blend(x, _interpolate(alphas_cumprod, t))
         b = x.shape[0]
-        x_in = x if concat is None else torch.cat([x, _to_batch(concat, b, "concat")], dim=1)
-        x_in = x_in.to(model_dtype)
+        x_in = unet_input(x, None if concat is None else _to_batch(concat, b, "concat")).to(model_dtype)
         cond = _to_batch(context, b, "context")
         if guided:
             uncond = _to_batch(uncond_context, b, "uncond_context")
@@ -108,11 +72,11 @@ def make_denoiser(
             out = out_uncond + guidance_scale * (out_cond - out_uncond)
         else:
             out = unet(x_in, t, cond).to(x.dtype)
-        if parameterization == "eps":
-            return out
-        # (b,) -> (b, 1, 1, 1)
-        alpha_bar = _interpolate(alphas_cumprod, t).to(x.dtype)[:, None, None, None]
-        return alpha_bar.sqrt() * out + (1.0 - alpha_bar).sqrt() * x
+        if parameterization == "v":
+            # (b,) -> (b, 1, 1, 1)
+            alpha_bar = _interpolate(alphas_cumprod, t).to(x.dtype)[:, None, None, None]
+            out = v_to_eps(out, x, alpha_bar)
+        return out
 
     return denoiser
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import Tensor
 
+from ldm_inpaint.conditioning import Blend
 from ldm_inpaint.config import ScheduleParams
-from ldm_inpaint.denoiser import Blend, CountedDenoiser, make_denoiser
+from ldm_inpaint.denoiser import CountedDenoiser, make_denoiser
 from ldm_inpaint.schedule import alphas_cumprod
 
 ALPHAS_CUMPROD = alphas_cumprod(ScheduleParams())

@@ -20,17 +20,13 @@ from torch import Tensor
 
 from ldm_inpaint.config import ScheduleParams
 from ldm_inpaint.denoiser import CountedDenoiser
-from ldm_inpaint.samplers import NOISE_FREE, SAMPLERS, ddim, dpmpp_2s_ancestral, euler, euler_ancestral
-from ldm_inpaint.samplers.sigmas import (
-    karras_schedule,
-    karras_sigmas,
-    model_sigmas,
-    sigma_to_timestep,
-    trailing_schedule,
-)
+from ldm_inpaint.samplers import SAMPLERS, ddim
+from ldm_inpaint.samplers.grid import karras_grid, trailing_grid
+from ldm_inpaint.samplers.sigmas import karras_sigmas, model_sigmas, sigma_to_timestep
 from ldm_inpaint.schedule import alphas_cumprod
 
 from .parity import assert_parity
+from .sampling import run_sampler
 
 ALPHAS_CUMPROD = alphas_cumprod(ScheduleParams())
 K_SAMPLERS = ["euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2s_ancestral"]
@@ -88,8 +84,14 @@ def test_sampler_matches_diffusers(name: str, steps: int) -> None:
     x_T = start_noise()
     eta = 1.0 if name in ANCESTRAL else 0.0
     expected = run_diffusers(name, x_T, steps, torch.Generator().manual_seed(1))
-    actual = SAMPLERS[name](
-        closed_form_denoiser, x_T, ALPHAS_CUMPROD, steps, eta=eta, generator=torch.Generator().manual_seed(1)
+    actual = run_sampler(
+        name,
+        closed_form_denoiser,
+        x_T,
+        ALPHAS_CUMPROD,
+        steps,
+        eta=eta,
+        generator=torch.Generator().manual_seed(1),
     )
     assert_parity(actual, expected)
 
@@ -99,8 +101,14 @@ def test_euler_ancestral_noise_is_drawn_like_diffusers() -> None:
     noise in the same order."""
     x_T = start_noise()
     expected = run_diffusers("euler_ancestral", x_T, 10, torch.Generator().manual_seed(1))
-    other_seed = euler_ancestral(
-        closed_form_denoiser, x_T, ALPHAS_CUMPROD, 10, eta=1.0, generator=torch.Generator().manual_seed(2)
+    other_seed = run_sampler(
+        "euler_ancestral",
+        closed_form_denoiser,
+        x_T,
+        ALPHAS_CUMPROD,
+        10,
+        eta=1.0,
+        generator=torch.Generator().manual_seed(2),
     )
     assert (other_seed - expected).abs().max() > 0.1 * expected.std()
 
@@ -118,8 +126,14 @@ def test_euler_ancestral_is_ddim_with_the_same_eta_on_the_same_grid(steps: int, 
     for t in scheduler.timesteps:
         eps = closed_form_denoiser(expected, t.float().expand(x_T.shape[0]))
         expected = scheduler.step(eps, t, expected, eta=eta, generator=generator).prev_sample
-    actual = euler_ancestral(
-        closed_form_denoiser, x_T, ALPHAS_CUMPROD, steps, eta=eta, generator=torch.Generator().manual_seed(1)
+    actual = run_sampler(
+        "euler_ancestral",
+        closed_form_denoiser,
+        x_T,
+        ALPHAS_CUMPROD,
+        steps,
+        eta=eta,
+        generator=torch.Generator().manual_seed(1),
     )
     assert_parity(actual, expected)
 
@@ -180,26 +194,32 @@ def dpmpp_2s_ancestral_reference(
 def test_dpmpp_2s_ancestral_matches_a_recomputation(steps: int, eta: float) -> None:
     x_T = start_noise()
     expected = dpmpp_2s_ancestral_reference(x_T, steps, eta, torch.Generator().manual_seed(1))
-    actual = dpmpp_2s_ancestral(
-        closed_form_denoiser, x_T, ALPHAS_CUMPROD, steps, eta=eta, generator=torch.Generator().manual_seed(1)
+    actual = run_sampler(
+        "dpmpp_2s_ancestral",
+        closed_form_denoiser,
+        x_T,
+        ALPHAS_CUMPROD,
+        steps,
+        eta=eta,
+        generator=torch.Generator().manual_seed(1),
     )
     assert_parity(actual, expected)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 7, 10, 25, 50, 100, 1000])
-def test_trailing_schedule_matches_diffusers(steps: int) -> None:
-    schedule = trailing_schedule(ALPHAS_CUMPROD, steps)
+def test_trailing_grid_matches_diffusers(steps: int) -> None:
+    schedule = trailing_grid(ALPHAS_CUMPROD, steps)
     for scheduler in (EulerDiscreteScheduler(**SD_TRAILING), DPMSolverMultistepScheduler(**DPM_SOLVER_PP_2M)):
         scheduler.set_timesteps(steps)
-        assert schedule.timesteps == scheduler.timesteps.tolist()
+        assert list(schedule.timesteps) == scheduler.timesteps.tolist()
         assert_parity(torch.tensor(schedule.sigmas), scheduler.sigmas)
 
 
-def test_trailing_schedule_is_well_formed_for_every_step_count() -> None:
+def test_trailing_grid_is_well_formed_for_every_step_count() -> None:
     """Where diffusers' float ``np.arange`` yields ``steps + 1`` timesteps ending at -1 (61, 103, ...), ours
     has ``steps``, from 999 down to ``round(1000 / steps) - 1``."""
     for steps in range(1, 1001):
-        timesteps = trailing_schedule(ALPHAS_CUMPROD, steps).timesteps
+        timesteps = trailing_grid(ALPHAS_CUMPROD, steps).timesteps
         assert len(timesteps) == steps and timesteps[0] == 999 and timesteps[-1] == round(1000 / steps) - 1
         assert all(a > b for a, b in zip(timesteps, timesteps[1:], strict=False))
 
@@ -209,9 +229,9 @@ def test_karras_sigmas_match_diffusers(steps: int) -> None:
     scheduler = DPMSolverMultistepScheduler(**DPM_SOLVER_PP_2M, use_karras_sigmas=True)
     expected = scheduler._convert_to_karras(in_sigmas=torch.tensor([14.6, 0.03]), num_inference_steps=steps)
     assert_parity(torch.tensor(karras_sigmas(0.03, 14.6, steps)), torch.tensor(expected))
-    schedule = karras_schedule(ALPHAS_CUMPROD, steps)
+    schedule = karras_grid(ALPHAS_CUMPROD, steps)
     scheduler.set_timesteps(steps)
-    assert schedule.timesteps == scheduler.timesteps.tolist()
+    assert list(schedule.timesteps) == scheduler.timesteps.tolist()
     assert_parity(torch.tensor(schedule.sigmas), scheduler.sigmas)
 
 
@@ -231,40 +251,42 @@ def test_denoiser_calls(name: str, steps: int) -> None:
     which is a first-order step."""
     counted = CountedDenoiser(closed_form_denoiser)
     eta = 1.0 if name in ANCESTRAL else 0.0
-    SAMPLERS[name](counted, start_noise(), ALPHAS_CUMPROD, steps, eta=eta, generator=torch.Generator())
+    run_sampler(name, counted, start_noise(), ALPHAS_CUMPROD, steps, eta=eta, generator=torch.Generator())
     two_per_step = name in ("heun", "dpmpp_2s_ancestral")
     assert counted.calls == (2 * steps - 1 if two_per_step else steps)
 
 
 def test_euler_ancestral_with_eta_0_is_euler() -> None:
     x_T = start_noise()
-    expected = euler(closed_form_denoiser, x_T, ALPHAS_CUMPROD, 10)
-    assert torch.equal(euler_ancestral(closed_form_denoiser, x_T, ALPHAS_CUMPROD, 10, eta=0.0), expected)
+    expected = run_sampler("euler", closed_form_denoiser, x_T, ALPHAS_CUMPROD, 10)
+    assert torch.equal(
+        run_sampler("euler_ancestral", closed_form_denoiser, x_T, ALPHAS_CUMPROD, 10, eta=0.0), expected
+    )
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_registry_samplers_share_one_signature(name: str) -> None:
-    assert inspect.signature(SAMPLERS[name]) == inspect.signature(ddim)
+    assert inspect.signature(SAMPLERS[name].sample) == inspect.signature(ddim)
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_noise_free_lists_exactly_the_samplers_that_reject_eta(name: str) -> None:
     args = (closed_form_denoiser, start_noise(), ALPHAS_CUMPROD, 2)
-    if name in NOISE_FREE:
+    if not SAMPLERS[name].stochastic:
         with pytest.raises(ValueError, match="eta must be 0, found 0.5"):
-            SAMPLERS[name](*args, eta=0.5)
+            run_sampler(name, *args, eta=0.5)
     else:
-        assert torch.isfinite(SAMPLERS[name](*args, eta=0.5, generator=torch.Generator())).all()
+        assert torch.isfinite(run_sampler(name, *args, eta=0.5, generator=torch.Generator())).all()
 
 
 @pytest.mark.parametrize("name", ANCESTRAL)
 def test_ancestral_samplers_reject_negative_eta(name: str) -> None:
     with pytest.raises(ValueError, match=f"{name} eta must be >= 0.*found -1.0"):
-        SAMPLERS[name](closed_form_denoiser, start_noise(), ALPHAS_CUMPROD, 10, eta=-1.0)
+        run_sampler(name, closed_form_denoiser, start_noise(), ALPHAS_CUMPROD, 10, eta=-1.0)
 
 
 @pytest.mark.parametrize("steps", [0, 1001])
 @pytest.mark.parametrize("name", K_SAMPLERS)
 def test_samplers_reject_step_counts_outside_the_schedule(name: str, steps: int) -> None:
     with pytest.raises(ValueError, match=f"between 1 and the model's 1000 training timesteps, found {steps}"):
-        SAMPLERS[name](closed_form_denoiser, start_noise(), ALPHAS_CUMPROD, steps)
+        run_sampler(name, closed_form_denoiser, start_noise(), ALPHAS_CUMPROD, steps)

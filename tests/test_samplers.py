@@ -10,11 +10,12 @@ from torch import Tensor
 
 from ldm_inpaint.config import ScheduleParams
 from ldm_inpaint.denoiser import CountedDenoiser, Denoiser
-from ldm_inpaint.samplers import NOISE_FREE, SAMPLERS, ddim, plms
+from ldm_inpaint.samplers import SAMPLERS, StepInfo
 from ldm_inpaint.schedule import alphas_cumprod
 
 from .oracles import ORIGINAL_DDIM
 from .parity import assert_parity
+from .sampling import run_sampler
 
 ALPHAS_CUMPROD = alphas_cumprod(ScheduleParams())
 
@@ -97,8 +98,14 @@ def test_ddim_matches_diffusers(steps: int, eta: float) -> None:
     scheduler = DDIMScheduler(**ORIGINAL_DDIM, clip_sample=False)
     expected = run_diffusers(scheduler, x_T, steps, eta=eta, generator=torch.Generator().manual_seed(1))
     assert scheduler.timesteps.flip(0).tolist() == list(range(1, 1000, 1000 // steps))
-    actual = ddim(
-        closed_form_denoiser, x_T, ALPHAS_CUMPROD, steps, eta=eta, generator=torch.Generator().manual_seed(1)
+    actual = run_sampler(
+        "ddim",
+        closed_form_denoiser,
+        x_T,
+        ALPHAS_CUMPROD,
+        steps,
+        eta=eta,
+        generator=torch.Generator().manual_seed(1),
     )
     assert_parity(actual, expected)
 
@@ -109,8 +116,14 @@ def test_ddim_eta_1_noise_is_drawn_like_diffusers() -> None:
     x_T = start_noise()
     scheduler = DDIMScheduler(**ORIGINAL_DDIM, clip_sample=False)
     expected = run_diffusers(scheduler, x_T, 10, eta=1.0, generator=torch.Generator().manual_seed(1))
-    other_seed = ddim(
-        closed_form_denoiser, x_T, ALPHAS_CUMPROD, 10, eta=1.0, generator=torch.Generator().manual_seed(2)
+    other_seed = run_sampler(
+        "ddim",
+        closed_form_denoiser,
+        x_T,
+        ALPHAS_CUMPROD,
+        10,
+        eta=1.0,
+        generator=torch.Generator().manual_seed(2),
     )
     assert (other_seed - expected).abs().max() > 0.1 * expected.std()
 
@@ -120,8 +133,14 @@ def test_ddim_eta_1_noise_is_drawn_like_diffusers() -> None:
 def test_ddim_matches_the_original_loop_where_diffusers_differs(steps: int, eta: float) -> None:
     x_T = start_noise()
     expected = original_loop(x_T, steps, eta, torch.Generator().manual_seed(1), plms_=False)
-    actual = ddim(
-        closed_form_denoiser, x_T, ALPHAS_CUMPROD, steps, eta=eta, generator=torch.Generator().manual_seed(1)
+    actual = run_sampler(
+        "ddim",
+        closed_form_denoiser,
+        x_T,
+        ALPHAS_CUMPROD,
+        steps,
+        eta=eta,
+        generator=torch.Generator().manual_seed(1),
     )
     assert_parity(actual, expected)
 
@@ -130,7 +149,7 @@ def test_ddim_matches_the_original_loop_where_diffusers_differs(steps: int, eta:
 def test_plms_matches_the_original_loop(steps: int) -> None:
     x_T = start_noise()
     counted = CountedDenoiser(closed_form_denoiser)
-    actual = plms(counted, x_T, ALPHAS_CUMPROD, steps)
+    actual = run_sampler("plms", counted, x_T, ALPHAS_CUMPROD, steps)
     assert_parity(actual, original_loop(x_T, steps, 0.0, None, plms_=True))
     assert counted.calls == len(range(1, 1000, 1000 // steps)) + 1
 
@@ -139,17 +158,17 @@ def test_plms_matches_the_original_loop(steps: int) -> None:
 def test_plms_matches_diffusers_pndm_without_runge_kutta(steps: int) -> None:
     x_T = start_noise()
     expected = run_diffusers(PNDMScheduler(**ORIGINAL_DDIM, skip_prk_steps=True), x_T, steps)
-    assert_parity(plms(closed_form_denoiser, x_T, ALPHAS_CUMPROD, steps), expected)
+    assert_parity(run_sampler("plms", closed_form_denoiser, x_T, ALPHAS_CUMPROD, steps), expected)
 
 
 def test_plms_rejects_eta() -> None:
     with pytest.raises(ValueError, match="eta must be 0, found 0.5"):
-        plms(closed_form_denoiser, start_noise(), ALPHAS_CUMPROD, 10, eta=0.5)
+        run_sampler("plms", closed_form_denoiser, start_noise(), ALPHAS_CUMPROD, 10, eta=0.5)
 
 
 def test_ddim_rejects_negative_eta() -> None:
     with pytest.raises(ValueError, match="eta must be >= 0.*found -1.0"):
-        ddim(closed_form_denoiser, start_noise(), ALPHAS_CUMPROD, 10, eta=-1.0)
+        run_sampler("ddim", closed_form_denoiser, start_noise(), ALPHAS_CUMPROD, 10, eta=-1.0)
 
 
 # Per sampler, for 6 requested steps: (steps taken, first and last timestep the denoiser sees). DDIM/PLMS take
@@ -165,7 +184,7 @@ STEP_CONTRACT = {name: (6, 999.0, 166.0) for name in SAMPLERS} | {
 def test_registry_samplers_share_one_signature_and_mutate_nothing(name: str) -> None:
     x_T, schedule = start_noise(torch.float64), ALPHAS_CUMPROD.clone()
     x_copy = x_T.clone()
-    calls: list[tuple[int, int]] = []
+    steps: list[StepInfo] = []
     seen_timesteps: list[float] = []
 
     def denoiser(x: Tensor, t: Tensor) -> Tensor:
@@ -173,23 +192,28 @@ def test_registry_samplers_share_one_signature_and_mutate_nothing(name: str) -> 
         seen_timesteps.append(t[0].item())
         return closed_form_denoiser(x, t)
 
-    out = SAMPLERS[name](
+    out = run_sampler(
+        name,
         denoiser,
         x_T,
         schedule,
         6,
-        eta=0.0 if name in NOISE_FREE else 1.0,
+        eta=1.0 if SAMPLERS[name].stochastic else 0.0,
         generator=torch.Generator().manual_seed(0),
-        callback=lambda *a: calls.append(a),
+        callback=steps.append,
     )
     taken, first, last = STEP_CONTRACT[name]
     assert out.dtype == torch.float64 and out.shape == x_T.shape
-    assert calls == [(i, taken) for i in range(taken)]
+    assert [(step.index, step.total) for step in steps] == [(i, taken) for i in range(taken)]
+    # What each step reports: the grid's timestep, the latent after the step (the last one is the result)
+    # and a clean-latent prediction of the latent's shape.
+    assert steps[0].timestep == first and steps[-1].timestep == last and torch.equal(steps[-1].latent, out)
+    assert all(step.x0_pred.shape == x_T.shape and step.sigma > 0 for step in steps)
     assert seen_timesteps[0] == first and seen_timesteps[-1] == last
     assert torch.equal(x_T, x_copy) and torch.equal(schedule, ALPHAS_CUMPROD)
 
 
 def test_denoiser_type_is_the_sampler_argument() -> None:
     counted: Denoiser = CountedDenoiser(closed_form_denoiser)
-    ddim(counted, start_noise(), ALPHAS_CUMPROD, 10)
+    run_sampler("ddim", counted, start_noise(), ALPHAS_CUMPROD, 10)
     assert counted.calls == 10

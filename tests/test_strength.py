@@ -11,12 +11,13 @@ from diffusers import DDIMScheduler, PNDMScheduler
 from torch import Tensor
 
 from ldm_inpaint.denoiser import CountedDenoiser
-from ldm_inpaint.samplers import NOISE_FREE, SAMPLERS, dpmpp_2s_ancestral, plms
+from ldm_inpaint.samplers import SAMPLERS
 from ldm_inpaint.samplers.noise import kept_steps
 
 from .conftest import FULL_CONFIGS, TINY_CONFIGS
 from .oracles import ORIGINAL_DDIM
 from .parity import assert_parity
+from .sampling import run_sampler
 from .test_blended import posterior_mean, run_strength_parity  # noqa: F401 (a fixture)
 from .test_k_samplers import (
     ALPHAS_CUMPROD,
@@ -62,14 +63,15 @@ def test_strength_matches_diffusers(name: str, steps: int, strength: float) -> N
     x_T, init = start_noise(), clean_latent()
     expected = run_diffusers_from_init(name, x_T, init, steps, strength)
     ticks: list[tuple[int, int]] = []
-    actual = SAMPLERS[name](
+    actual = run_sampler(
+        name,
         closed_form_denoiser,
         x_T,
         ALPHAS_CUMPROD,
         steps,
         eta=1.0 if name in STOCHASTIC else 0.0,
         generator=torch.Generator().manual_seed(1),
-        callback=lambda *a: ticks.append(a),
+        callback=lambda step: ticks.append((step.index, step.total)),
         init=init,
         strength=strength,
     )
@@ -94,7 +96,7 @@ def test_plms_strength_matches_diffusers_pndm(steps: int, strength: float) -> No
         eps = closed_form_denoiser(expected, t.float().expand(x_T.shape[0]))
         expected = scheduler.step(eps, t, expected).prev_sample
     counted = CountedDenoiser(closed_form_denoiser)
-    actual = plms(counted, x_T, ALPHAS_CUMPROD, steps, init=init, strength=strength)
+    actual = run_sampler("plms", counted, x_T, ALPHAS_CUMPROD, steps, init=init, strength=strength)
     assert_parity(actual, expected)
     assert counted.calls == len(kept) + 1
 
@@ -105,7 +107,8 @@ def test_dpmpp_2s_ancestral_strength_matches_a_recomputation(steps: int, strengt
     """diffusers has no DPM++ 2S a scheduler: the oracle is an independent re-computation."""
     x_T, init = start_noise(), clean_latent()
     expected = dpmpp_2s_ancestral_reference(x_T, steps, eta, torch.Generator().manual_seed(1), init, strength)
-    actual = dpmpp_2s_ancestral(
+    actual = run_sampler(
+        "dpmpp_2s_ancestral",
         closed_form_denoiser,
         x_T,
         ALPHAS_CUMPROD,
@@ -120,11 +123,18 @@ def test_dpmpp_2s_ancestral_strength_matches_a_recomputation(steps: int, strengt
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_strength_1_is_the_plain_run_and_ignores_init(name: str) -> None:
-    x_T, eta = start_noise(), 0.0 if name in NOISE_FREE else 1.0
-    plain = SAMPLERS[name](
-        closed_form_denoiser, x_T, ALPHAS_CUMPROD, 6, eta=eta, generator=torch.Generator().manual_seed(1)
+    x_T, eta = start_noise(), 1.0 if SAMPLERS[name].stochastic else 0.0
+    plain = run_sampler(
+        name,
+        closed_form_denoiser,
+        x_T,
+        ALPHAS_CUMPROD,
+        6,
+        eta=eta,
+        generator=torch.Generator().manual_seed(1),
     )
-    with_init = SAMPLERS[name](
+    with_init = run_sampler(
+        name,
         closed_form_denoiser,
         x_T,
         ALPHAS_CUMPROD,
@@ -158,15 +168,16 @@ def test_strength_keeps_the_end_of_the_grid_and_mutates_nothing(name: str) -> No
         seen.append(t[0].item())
         return closed_form_denoiser(x, t)
 
-    eta = 0.0 if name in NOISE_FREE else 1.0
-    out = SAMPLERS[name](
+    eta = 1.0 if SAMPLERS[name].stochastic else 0.0
+    out = run_sampler(
+        name,
         denoiser,
         x_T,
         ALPHAS_CUMPROD,
         6,
         eta=eta,
         generator=torch.Generator(),
-        callback=lambda *a: ticks.append(a),
+        callback=lambda step: ticks.append((step.index, step.total)),
         init=init,
         strength=0.5,
     )
@@ -185,15 +196,20 @@ def test_strength_keeps_the_end_of_the_grid_and_mutates_nothing(name: str) -> No
         (10, 1.5, (2, 4, 8, 8), r"strength must be in \(0, 1\].*found 1.5"),
         (10, -0.2, None, r"strength must be in \(0, 1\].*found -0.2"),
         (10, 0.05, (2, 4, 8, 8), "strength 0.05 keeps no step of 10; raise strength or steps"),
-        (10, 0.5, None, "strength 0.5 < 1 starts from a noised clean latent: pass init, found None"),
-        (10, 0.5, (1, 4, 8, 8), r"init must have the shape of x, \(2, 4, 8, 8\), found \(1, 4, 8, 8\)"),
+        (10, 0.5, None, "cut for strength < 1 starts from a noised clean latent: pass init, found None"),
+        (
+            10,
+            0.5,
+            (1, 4, 8, 8),
+            r"init must have the shape of the noise, \(2, 4, 8, 8\), found \(1, 4, 8, 8\)",
+        ),
     ],
 )
 def test_bad_strength_is_a_clear_error(name, steps, strength, init_shape, message) -> None:
     init = None if init_shape is None else torch.zeros(init_shape)
     with pytest.raises(ValueError, match=message):
-        SAMPLERS[name](
-            closed_form_denoiser, start_noise(), ALPHAS_CUMPROD, steps, init=init, strength=strength
+        run_sampler(
+            name, closed_form_denoiser, start_noise(), ALPHAS_CUMPROD, steps, init=init, strength=strength
         )
 
 

@@ -1,12 +1,15 @@
-"""Samplers: pure functions over a :data:`~ldm_inpaint.denoiser.Denoiser`, one common signature, one registry.
+"""Samplers: pure functions over a :data:`~ldm_inpaint.denoiser.Denoiser` and a :class:`Schedule`, one common
+signature, one registry.
 
-A new sampler is a new module with a function of the :class:`Sampler` signature and one entry in
-:data:`SAMPLERS`.
+A run is three steps: :func:`make_schedule` builds the sampler's grid and cuts it for ``strength``; the start
+latent is the unit noise (or, on a cut grid, the clean latent noised to the first level); the sampler walks
+the schedule. :func:`sample` does the last two. A new sampler is a function of the :class:`Sampler`
+signature and one :class:`SamplerSpec` entry in :data:`SAMPLERS`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -14,75 +17,110 @@ from torch import Tensor
 
 from ldm_inpaint.denoiser import Denoiser
 from ldm_inpaint.samplers.ddim import ddim
-from ldm_inpaint.samplers.dpm_solver import dpmpp_2m, dpmpp_2m_karras, dpmpp_2s_ancestral
+from ldm_inpaint.samplers.dpm_solver import dpmpp_2m, dpmpp_2s_ancestral
 from ldm_inpaint.samplers.euler_heun import euler, euler_ancestral, heun
+from ldm_inpaint.samplers.grid import GRIDS, GridKind, Schedule, grid_length
+from ldm_inpaint.samplers.noise import check_eta, kept_steps
 from ldm_inpaint.samplers.plms import plms
-from ldm_inpaint.schedule import ddim_timesteps
+from ldm_inpaint.samplers.progress import StepCallback, StepInfo
 
 
 class Sampler(Protocol):
-    """``sampler(denoiser, x_T, alphas_cumprod, steps, *, eta, generator, callback, init, strength) -> x_0``.
+    """``sampler(denoiser, x, schedule, *, eta, generator, callback) -> x_0``.
 
-    ``x_T`` is unit-variance start noise; ``alphas_cumprod`` is the float64 schedule of
-    :func:`ldm_inpaint.schedule.alphas_cumprod`; ``eta`` scales the injected noise (samplers that have none
-    require 0); ``generator`` draws that noise; ``callback(step_index, total_steps)`` runs after each step
-    taken. ``strength`` in (0, 1]: below 1 the sampler takes only the last
-    :func:`~ldm_inpaint.samplers.noise.kept_steps` steps of its grid, from the clean latent ``init``
-    (x's shape) noised to their first level with ``x_T`` as the noise (SDEdit, Meng et al. 2022; diffusers'
-    img2img); at 1 it starts from ``x_T`` on the whole grid and ``init`` is unused. Nothing given is mutated.
+    ``x`` is the LDM latent at the schedule's first level (unit noise for a whole grid); ``eta`` scales the
+    injected noise (0 for the deterministic samplers); ``generator`` draws that noise; ``callback(StepInfo)``
+    runs after each step. Nothing given is mutated.
     """
 
     def __call__(
         self,
         denoiser: Denoiser,
         x: Tensor,
-        alphas_cumprod: Tensor,
-        steps: int,
+        schedule: Schedule,
         *,
         eta: float = 0.0,
         generator: torch.Generator | None = None,
-        callback: Callable[[int, int], None] | None = None,
-        init: Tensor | None = None,
-        strength: float = 1.0,
+        callback: StepCallback | None = None,
     ) -> Tensor: ...
 
 
-SAMPLERS: dict[str, Sampler] = {
-    "ddim": ddim,
-    "plms": plms,
-    "euler": euler,
-    "euler_ancestral": euler_ancestral,
-    "heun": heun,
-    "dpmpp_2m": dpmpp_2m,
-    "dpmpp_2m_karras": dpmpp_2m_karras,
-    "dpmpp_2s_ancestral": dpmpp_2s_ancestral,
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler, the grid it walks and whether it injects noise (``stochastic``: it reads ``eta`` as the
+    noise scale, 0 for none; the others take only ``eta = 0``)."""
+
+    sample: Sampler
+    grid: GridKind
+    stochastic: bool
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "ddim": SamplerSpec(ddim, "ddim", stochastic=True),
+    "plms": SamplerSpec(plms, "ddim", stochastic=False),
+    "euler": SamplerSpec(euler, "trailing", stochastic=False),
+    "euler_ancestral": SamplerSpec(euler_ancestral, "trailing", stochastic=True),
+    "heun": SamplerSpec(heun, "trailing", stochastic=False),
+    "dpmpp_2m": SamplerSpec(dpmpp_2m, "trailing", stochastic=False),
+    "dpmpp_2m_karras": SamplerSpec(dpmpp_2m, "karras", stochastic=False),
+    "dpmpp_2s_ancestral": SamplerSpec(dpmpp_2s_ancestral, "trailing", stochastic=True),
 }
-# Samplers that inject no noise and therefore take only eta = 0. The others read eta as a noise scale: for
-# ddim 1 is DDPM-like, for the ancestral ones 1 is the standard sampler, and 0 makes each deterministic.
-NOISE_FREE: frozenset[str] = frozenset({"plms", "euler", "heun", "dpmpp_2m", "dpmpp_2m_karras"})
-# Samplers on the original DDIM grid, which has more steps than asked for some counts (6 -> 7); the others
-# take exactly the steps asked for.
-ORIGINAL_GRID: frozenset[str] = frozenset({"ddim", "plms"})
 
 
-def grid_steps(sampler: str, steps: int, num_timesteps: int = 1000) -> int:
-    """The number of steps on ``sampler``'s grid for ``steps`` asked for: what a run of strength 1 takes and
-    what ``strength`` is a fraction of (:func:`~ldm_inpaint.samplers.noise.kept_steps`)."""
-    return len(ddim_timesteps(steps, num_timesteps)) if sampler in ORIGINAL_GRID else steps
+def _spec(name: str) -> SamplerSpec:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; available: {', '.join(sorted(SAMPLERS))}")
+    return SAMPLERS[name]
+
+
+def make_schedule(name: str, alphas_cumprod: Tensor, steps: int, strength: float = 1.0) -> Schedule:
+    """The grid of sampler ``name`` for ``steps`` over the float64 ``alphas_cumprod``, cut for ``strength``."""
+    return GRIDS[_spec(name).grid](alphas_cumprod, steps).cut(strength)
+
+
+def steps_taken(name: str, steps: int, strength: float = 1.0, num_timesteps: int = 1000) -> int:
+    """``len(make_schedule(name, ..., steps, strength))`` without a schedule: checks options up front."""
+    return kept_steps(grid_length(_spec(name).grid, steps, num_timesteps), strength)
+
+
+def check_sampler_eta(name: str, eta: float) -> None:
+    """The one rule for ``eta``: stochastic samplers take a noise scale >= 0, the others only 0."""
+    check_eta(name, eta, stochastic=_spec(name).stochastic)
+
+
+def sample(
+    name: str,
+    denoiser: Denoiser,
+    noise: Tensor,
+    schedule: Schedule,
+    *,
+    init: Tensor | None = None,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """Run sampler ``name`` over ``schedule`` from the unit ``noise``. On a cut schedule (strength < 1) the run
+    starts from the clean latent ``init`` noised to the first level with ``noise`` (SDEdit, Meng et al. 2022;
+    diffusers' img2img); on a whole one ``init`` is unused, as in diffusers' pipelines."""
+    check_sampler_eta(name, eta)
+    x = noise
+    if schedule.partial:
+        if init is None:
+            raise ValueError(
+                "a schedule cut for strength < 1 starts from a noised clean latent: pass init, found None"
+            )
+        x = schedule.noised(init, noise)
+    return _spec(name).sample(denoiser, x, schedule, eta=eta, generator=generator, callback=callback)
 
 
 __all__ = [
-    "NOISE_FREE",
-    "ORIGINAL_GRID",
     "SAMPLERS",
     "Sampler",
-    "ddim",
-    "dpmpp_2m",
-    "dpmpp_2m_karras",
-    "dpmpp_2s_ancestral",
-    "euler",
-    "euler_ancestral",
-    "grid_steps",
-    "heun",
-    "plms",
+    "SamplerSpec",
+    "Schedule",
+    "StepInfo",
+    "check_sampler_eta",
+    "make_schedule",
+    "sample",
+    "steps_taken",
 ]

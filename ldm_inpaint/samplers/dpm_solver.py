@@ -3,79 +3,40 @@ Models") in sigma space, where its half-log-SNR is ``lambda = -log sigma`` and `
 
 Its first-order step (DPM-Solver++1) in sigma space, ``x_next = (sigma_next / sigma) x - expm1(-h) D``, is
 exact for a constant data prediction ``D = D(x; sigma)`` and is DDIM; the samplers here improve on ``D``.
+``x`` comes in and goes out as the LDM latent (:func:`~ldm_inpaint.samplers.sigmas.to_sigma_space`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from ldm_inpaint.denoiser import Denoiser
-from ldm_inpaint.samplers.noise import check_eta, noise_like
-from ldm_inpaint.samplers.sigmas import (
-    SigmaSchedule,
-    ancestral_step,
-    denoise,
-    karras_schedule,
-    sigma_to_timestep,
-    start_point,
-    trailing_schedule,
-)
+from ldm_inpaint.samplers.grid import Schedule
+from ldm_inpaint.samplers.noise import noise_like
+from ldm_inpaint.samplers.progress import StepCallback, report
+from ldm_inpaint.samplers.sigmas import ancestral_step, denoise, from_sigma_space, to_sigma_space
 
 
 def dpmpp_2m(
     denoiser: Denoiser,
     x: Tensor,
-    alphas_cumprod: Tensor,
-    steps: int,
+    schedule: Schedule,
     *,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
-    callback: Callable[[int, int], None] | None = None,
-    init: Tensor | None = None,
-    strength: float = 1.0,
+    callback: StepCallback | None = None,
 ) -> Tensor:
-    """DPM-Solver++(2M) on the "trailing" grid of :func:`~ldm_inpaint.samplers.sigmas.trailing_schedule`
-    (diffusers' ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)``).
-    ``eta`` must be 0 and ``generator`` is unused; see :func:`multistep_2m`."""
-    check_eta("dpmpp_2m", eta, stochastic=False)
-    x, schedule = start_point(x, trailing_schedule(alphas_cumprod, steps), init, strength)
-    return multistep_2m(denoiser, x, schedule, callback)
-
-
-def dpmpp_2m_karras(
-    denoiser: Denoiser,
-    x: Tensor,
-    alphas_cumprod: Tensor,
-    steps: int,
-    *,
-    eta: float = 0.0,
-    generator: torch.Generator | None = None,
-    callback: Callable[[int, int], None] | None = None,
-    init: Tensor | None = None,
-    strength: float = 1.0,
-) -> Tensor:
-    """DPM-Solver++(2M) on the Karras et al. 2022 sigmas (eq. 5, ``rho = 7``) of
-    :func:`~ldm_inpaint.samplers.sigmas.karras_schedule` (diffusers: the same scheduler with
-    ``use_karras_sigmas=True``). ``eta`` must be 0 and ``generator`` is unused; see :func:`multistep_2m`."""
-    check_eta("dpmpp_2m_karras", eta, stochastic=False)
-    x, schedule = start_point(x, karras_schedule(alphas_cumprod, steps), init, strength)
-    return multistep_2m(denoiser, x, schedule, callback)
-
-
-def multistep_2m(
-    denoiser: Denoiser, x: Tensor, schedule: SigmaSchedule, callback: Callable[[int, int], None] | None
-) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) from ``x`` at the first sigma of ``schedule`` (sigma
-    space, :func:`~ldm_inpaint.samplers.sigmas.start_point`): the first-order step
-    with ``D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}``, ``r = h_{i-1} / h_i``, a linear extrapolation of the data
-    prediction from the previous step. The first step (no history) and the last one (to sigma 0, where the
-    first-order step returns ``D`` itself) are first order, as in diffusers and k-diffusion. One denoiser call
-    per step; ``callback(step_index, steps_taken)`` after each step.
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2; diffusers' ``DPMSolverMultistepScheduler(algorithm_type=
+    "dpmsolver++", solver_order=2)``, with ``use_karras_sigmas=True`` on the Karras grid): the first-order
+    step with ``D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}``, ``r = h_{i-1} / h_i``, a linear extrapolation of the
+    data prediction from the previous step. The first step (no history) and the last one (to sigma 0, where
+    the first-order step returns ``D`` itself) are first order, as in diffusers and k-diffusion.
+    Deterministic: ``eta`` is 0 and ``generator`` unused; one denoiser call per step.
     """
+    x = to_sigma_space(x, schedule.sigmas[0])
     denoised_prev, h_prev = None, None
     for i, t in enumerate(schedule.timesteps):
         sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
@@ -91,22 +52,18 @@ def multistep_2m(
             x = (sigma_next / sigma) * x - math.expm1(-h) * data_pred
             h_prev = h
         denoised_prev = denoised
-        if callback is not None:
-            callback(i, len(schedule.timesteps))
+        report(callback, schedule, i, from_sigma_space(x, sigma_next), denoised)
     return x
 
 
 def dpmpp_2s_ancestral(
     denoiser: Denoiser,
     x: Tensor,
-    alphas_cumprod: Tensor,
-    steps: int,
+    schedule: Schedule,
     *,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
-    callback: Callable[[int, int], None] | None = None,
-    init: Tensor | None = None,
-    strength: float = 1.0,
+    callback: StepCallback | None = None,
 ) -> Tensor:
     """DPM-Solver++(2S) ancestral ("DPM++ 2S a", k-diffusion's ``sample_dpmpp_2s_ancestral``) on the
     "trailing" grid: each step ``sigma -> sigma_next`` is split
@@ -120,10 +77,9 @@ def dpmpp_2s_ancestral(
     (:func:`~ldm_inpaint.samplers.sigmas.sigma_to_timestep`); at ``eta = 1``, ``sigma_down = sigma_next^2 /
     sigma`` and the midpoint is ``sigma_next`` itself. ``z`` is drawn from ``generator`` once per step with
     ``sigma_up > 0``, in x's shape. diffusers has no such scheduler. ``2 steps_taken - 1`` denoiser calls: the
-    last step, to sigma 0, returns the data prediction. ``callback(step_index, steps_taken)`` after each step.
+    last step, to sigma 0, returns the data prediction.
     """
-    check_eta("dpmpp_2s_ancestral", eta, stochastic=True)
-    x, schedule = start_point(x, trailing_schedule(alphas_cumprod, steps), init, strength)
+    x = to_sigma_space(x, schedule.sigmas[0])
     for i, t in enumerate(schedule.timesteps):
         sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
@@ -132,12 +88,11 @@ def dpmpp_2s_ancestral(
             x = denoised
         else:
             sigma_mid = (sigma * sigma_down) ** 0.5
-            t_mid = sigma_to_timestep(torch.tensor(sigma_mid, dtype=torch.float64), alphas_cumprod).item()
+            t_mid = schedule.timestep_of(sigma_mid)
             h = math.log(sigma / sigma_down)
             x_mid = (sigma_mid / sigma) * x - math.expm1(-h / 2) * denoised
             x = (sigma_down / sigma) * x - math.expm1(-h) * denoise(denoiser, x_mid, sigma_mid, t_mid)
         if sigma_up > 0:
             x = x + sigma_up * noise_like(x, generator)
-        if callback is not None:
-            callback(i, len(schedule.timesteps))
+        report(callback, schedule, i, from_sigma_space(x, sigma_next), denoised)
     return x

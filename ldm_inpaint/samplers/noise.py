@@ -39,17 +39,3 @@ def kept_steps(steps: int, strength: float) -> int:
     if kept == 0:
         raise ValueError(f"strength {strength} keeps no step of {steps}; raise strength or steps")
     return kept
-
-
-def starts_from_init(x: Tensor, init: Tensor | None, strength: float) -> bool:
-    """Whether a sampler starts from ``init`` noised part-way down its grid (``strength < 1``) or from the
-    pure noise ``x`` on the whole grid (``strength == 1``; ``init`` is then unused, as in diffusers'
-    pipelines). Checks ``strength``, and that ``init`` is given in x's shape when it is needed."""
-    check_strength(strength)
-    if strength == 1:
-        return False
-    if init is None:
-        raise ValueError(f"strength {strength} < 1 starts from a noised clean latent: pass init, found None")
-    if init.shape != x.shape:
-        raise ValueError(f"init must have the shape of x, {tuple(x.shape)}, found {tuple(init.shape)}")
-    return True

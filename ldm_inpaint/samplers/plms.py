@@ -3,29 +3,26 @@ on Manifolds"), in the variant of the original LDM ``PLMSSampler``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from ldm_inpaint.denoiser import Denoiser, timesteps_like
-from ldm_inpaint.samplers.ddim import ddim_start, ddim_step
-from ldm_inpaint.samplers.noise import check_eta
+from ldm_inpaint.samplers.ddim import ddim_step
+from ldm_inpaint.samplers.grid import Schedule
+from ldm_inpaint.samplers.progress import StepCallback, report
 
 
 def plms(
     denoiser: Denoiser,
     x: Tensor,
-    alphas_cumprod: Tensor,
-    steps: int,
+    schedule: Schedule,
     *,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
-    callback: Callable[[int, int], None] | None = None,
-    init: Tensor | None = None,
-    strength: float = 1.0,
+    callback: StepCallback | None = None,
 ) -> Tensor:
-    """Sample from the start noise ``x = x_T`` with PLMS on the DDIM grid (a denoiser call a step, plus one).
+    """Sample from ``x`` at the first level of ``schedule`` (the DDIM grid) with PLMS: a denoiser call a
+    step, plus one.
 
     Each step is the deterministic DDIM update (the PNDM "transfer part") with eps replaced by a multistep
     estimate ``eps'`` built from the current eps and the last three:
@@ -36,25 +33,23 @@ def plms(
     - then Adams-Bashforth of order 2, 3, 4: ``(3 e - e1) / 2``, ``(23 e - 16 e1 + 5 e2) / 12``,
       ``(55 e - 59 e1 + 37 e2 - 9 e3) / 24`` with ``e1, e2, e3`` the eps of the previous steps.
 
-    ``eta`` must be 0 and ``generator`` is unused (PLMS is deterministic); they keep the common signature.
-    With ``strength < 1`` the run takes the end of the grid from the noised ``init``
-    (:func:`~ldm_inpaint.samplers.ddim.ddim_start`) and its first kept step is the pseudo improved Euler step.
+    Deterministic: ``eta`` is 0 and ``generator`` unused (the common signature). On a cut grid (strength < 1)
+    the first kept step is the pseudo improved Euler step.
     """
-    check_eta("plms", eta, stochastic=False)
-    x, schedule = ddim_start(x, alphas_cumprod, steps, init, strength)
     old_eps: list[Tensor] = []
-    for i, (t, a_t, a_prev) in enumerate(schedule):
+    for i, t in enumerate(schedule.timesteps):
+        a_t, a_prev = schedule.alpha_bars[i], schedule.alpha_bars[i + 1]
         eps = denoiser(x, timesteps_like(x, t))
         if old_eps:
             eps_prime = _adams_bashforth(eps, old_eps)
         else:
-            t_next = schedule[min(i + 1, len(schedule) - 1)][0]
-            eps_next = denoiser(ddim_step(x, eps, a_t, a_prev), timesteps_like(x, t_next))
+            t_next = schedule.timesteps[min(i + 1, len(schedule) - 1)]
+            x_provisional, _ = ddim_step(x, eps, a_t, a_prev)
+            eps_next = denoiser(x_provisional, timesteps_like(x, t_next))
             eps_prime = (eps + eps_next) / 2
-        x = ddim_step(x, eps_prime, a_t, a_prev)
+        x, x0_pred = ddim_step(x, eps_prime, a_t, a_prev)
         old_eps = [*old_eps[-2:], eps]
-        if callback is not None:
-            callback(i, len(schedule))
+        report(callback, schedule, i, x, x0_pred)
     return x
 
 
