@@ -15,25 +15,15 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-import ldm_inpaint.ablate as ablate
-from ldm_inpaint.ablate import (
-    COLUMNS,
-    PARAMETERS,
-    ablate_main,
-    build_parser,
-    build_study,
-    mask_change,
-)
+import ldm_inpaint.ablation.runner as runner
+from ldm_inpaint.ablation.cli import ablate_main, build_parser
+from ldm_inpaint.ablation.draw import CAPTION_HEIGHT, FAILED_GRAY, GAP, HEADER_HEIGHT, LABEL_WIDTH
+from ldm_inpaint.ablation.results import COLUMNS, mask_change
+from ldm_inpaint.ablation.study import build_study
 from ldm_inpaint.config import load_config
-from ldm_inpaint.image_io import (
-    CAPTION_HEIGHT,
-    FAILED_GRAY,
-    GAP,
-    HEADER_HEIGHT,
-    LABEL_WIDTH,
-    read_png_metadata,
-)
+from ldm_inpaint.image_io import read_png_metadata
 from ldm_inpaint.models.unet import UNetModel
+from ldm_inpaint.options import SWEEPABLE
 from ldm_inpaint.random_weights import random_checkpoint
 from ldm_inpaint.tools import cast_floats
 
@@ -85,13 +75,13 @@ def unet_calls(monkeypatch) -> list[int]:
 def loads(monkeypatch) -> list[Path]:
     """The checkpoint paths that ``ablate`` loads, in order."""
     loaded = []
-    load_model = ablate.load_model
+    load_model = runner.load_model
 
     def counted(path, *args, **kwargs):
         loaded.append(Path(path))
         return load_model(path, *args, **kwargs)
 
-    monkeypatch.setattr(ablate, "load_model", counted)
+    monkeypatch.setattr(runner, "load_model", counted)
     return loaded
 
 
@@ -154,8 +144,12 @@ def test_grid_rows_evaluations_and_resume(
     for row, line in zip(rows, table, strict=True):
         assert row["status"] == "ok" and row["error"] is None
         assert row["unet_evaluations"] == expected[(row["sampler"], row["steps"])]
-        assert set(PARAMETERS) <= set(row) and row["prompt"] == "a red bench" and row["seed"] == 5
-        assert row["scale"] == 1.0 and row["paste_back"] is True and row["config"] == "v1-inpainting-tiny"
+        assert set(SWEEPABLE) <= set(row) and row["prompt"] == "a red bench" and row["seed"] == 5
+        assert (
+            row["guidance_scale"] == 1.0
+            and row["paste_back"] is True
+            and row["config"] == "v1-inpainting-tiny"
+        )
         assert row["wall_seconds"] > 0
         assert row["change_outside"] == 0.0  # paste-back keeps every pixel outside the mask
         assert 0.01 < row["change_inside"] < 1  # random weights repaint the inside with something else
@@ -167,7 +161,7 @@ def test_grid_rows_evaluations_and_resume(
     assert len({row["hash"] for row in rows}) == 4
 
     # sampler down the rows, steps across the columns, each tile the cell's image.
-    grid_path = out / "grid-photo-00000.png"
+    grid_path = out / "grid-photo.png"
     assert str(grid_path) in capsys.readouterr().out
     with Image.open(grid_path) as grid:
         grid.load()
@@ -179,11 +173,11 @@ def test_grid_rows_evaluations_and_resume(
     assert read_png_metadata(grid_path)["cells"].split() == [row["hash"] for row in rows]
     grid_bytes = grid_path.read_bytes()
 
-    # The same study again: nothing loaded, no UNet work, no new rows; a new grid beside the old one.
+    # The same study again: nothing loaded, no UNet work, no new rows; the grid rewritten, the same.
     unet_calls[0] = 0
     assert ablate_main(args) == 0
     assert unet_calls[0] == 0 and len(loads) == 1 and len(jsonl_rows(out)) == 4
-    assert grid_path.read_bytes() == grid_bytes and (out / "grid-photo-00001.png").is_file()
+    assert grid_path.read_bytes() == grid_bytes and sorted(out.glob("grid-*")) == [grid_path]
     assert "4 finished before, 0 to run" in capsys.readouterr().err
 
     # One more step count: only its two cells run (1 evaluation each).
@@ -204,11 +198,11 @@ def test_failing_cell_is_recorded_and_the_others_run(
     ok, failed = jsonl_rows(out)
     assert ok["status"] == "ok" and ok["sampler"] == "ddim" and ok["unet_evaluations"] == 2
     assert failed["status"] == "failed" and failed["sampler"] == "plms" and failed["cell_image"] is None
-    assert "plms sampler injects no noise and needs eta 0" in failed["error"]
+    assert "plms is deterministic: eta must be 0, found 0.5" in failed["error"]
     err = capsys.readouterr().err
     assert "1 of 2 cell(s) failed" in err and failed["hash"] in err and "Traceback" not in err
     # One axis: a single row of two tiles; the failed one is gray.
-    with Image.open(out / "grid-photo-00000.png") as grid:
+    with Image.open(out / "grid-photo.png") as grid:
         grid.load()
     assert grid.size == (LABEL_WIDTH + 2 * (SIZE + GAP), HEADER_HEIGHT + SIZE + CAPTION_HEIGHT + GAP)
     assert (tile(grid, 0, 1)[-1] == FAILED_GRAY).all()
@@ -242,12 +236,12 @@ def test_checkpoint_axis_loads_each_checkpoint_once(
     assert [Path(row["checkpoint"]).name for row in rows] == ["tiny-v1.ckpt"] * 2 + ["tiny-v2.ckpt"] * 2
     assert [row["config"] for row in rows] == ["v1-inpainting-tiny"] * 2 + ["v2-inpainting-tiny"] * 2
     assert len({row["checkpoint_sha256"] for row in rows}) == 2 and len({row["hash"] for row in rows}) == 4
-    with Image.open(out / "grid-photo-00000.png") as grid:
+    with Image.open(out / "grid-photo.png") as grid:
         assert grid.size == (
             LABEL_WIDTH + 2 * (SIZE + GAP),
             HEADER_HEIGHT + 2 * (SIZE + CAPTION_HEIGHT + GAP),
         )
-        meta = read_png_metadata(out / "grid-photo-00000.png")
+        meta = read_png_metadata(out / "grid-photo.png")
     assert meta["rows"] == "checkpoint" and meta["columns"] == "seed"
 
 
@@ -271,10 +265,10 @@ def test_example_spec_runs_and_its_resolved_spec_reproduces_it(
         row["change_outside"] == 0.0 and row["negative_prompt"] == "blurry, low quality" for row in rows
     )
     assert sorted(path.name for path in out.glob("grid-*")) == [
-        "grid-photo-p1-00000.png",
-        "grid-photo-p2-00000.png",
+        "grid-photo-p1.png",
+        "grid-photo-p2.png",
     ]
-    assert read_png_metadata(out / "grid-photo-p2-00000.png")["page"] == "seed=7"
+    assert read_png_metadata(out / "grid-photo-p2.png")["page"] == "seed=7"
 
     # The resolved spec written beside the results is the same study: every cell is found finished.
     (resolved,) = out.glob("spec-*.yaml")

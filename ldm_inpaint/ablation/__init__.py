@@ -1,0 +1,1 @@
+"""``ldm-inpaint ablate``: studies over options and checkpoints (see :mod:`ldm_inpaint.ablation.cli`)."""
