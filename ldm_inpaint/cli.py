@@ -3,39 +3,48 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from ldm_inpaint import __version__, image_io
-from ldm_inpaint.ablate import ablate_main
-from ldm_inpaint.checkpoint import load_model, sha256_file
+from ldm_inpaint import __version__, image_io, options
+from ldm_inpaint.command import EXIT_BAD_INPUT, EXIT_FAILED_ITEMS, Parser, run
+from ldm_inpaint.devices import PRECISIONS, resolve_device
 from ldm_inpaint.errors import LdmInpaintError
-from ldm_inpaint.models.packing import can_pack
-from ldm_inpaint.pipeline import InpaintPipeline, check_controls, check_options
 from ldm_inpaint.runtime import keep_freed_memory
-from ldm_inpaint.samplers import SAMPLERS
-from ldm_inpaint.tools import DTYPES as PRECISIONS
-from ldm_inpaint.tools import convert_main, inspect_main
 
-VAE_TILING = {"auto": None, "on": True, "off": False}
+if TYPE_CHECKING:
+    from ldm_inpaint.pipeline import InpaintPipeline
+    from ldm_inpaint.samplers import StepInfo
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text}")
-    return value
+# Subcommands: ``ldm-inpaint NAME ...`` -> the ``main`` of a module, imported when called (so that ``--help``
+# does not wait for the model code); anything else is the inpainting command itself.
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "ablate": (
+        "ldm_inpaint.ablation.cli",
+        "ablate_main",
+        "sweep options and checkpoints over image/mask pairs",
+    ),
+    "convert": (
+        "ldm_inpaint.tools",
+        "convert_main",
+        "convert a checkpoint (dtype, EMA, .ckpt <-> .safetensors)",
+    ),
+    "inspect": ("ldm_inpaint.tools", "inspect_main", "report what a checkpoint holds and whether it loads"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    subcommands = "\n".join(f"  ldm-inpaint {name:8} {text}" for name, (_, _, text) in SUBCOMMANDS.items())
+    parser = Parser(
         prog="ldm-inpaint",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"subcommands (each with its own --help):\n{subcommands}",
         description="Inpaint images with the original SD 1.5 / SD 2 inpainting checkpoints (or text-to-image "
         "checkpoints, by blended latent diffusion); without --mask repaint the whole image (image-to-image), "
         "without --image and --batch generate one from the prompt (text-to-image).",
@@ -61,48 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resize-mask", action="store_true", help="resize a mask of another size to the image"
     )
-    parser.add_argument("--prompt", default="", help="text prompt")
-    parser.add_argument(
-        "--long-prompts",
-        action="store_true",
-        help="encode text beyond 75 tokens in extra windows (default: truncate, as the original)",
-    )
-    parser.add_argument(
-        "--negative-prompt", default="", help="what to steer away from (default: empty prompt)"
-    )
-    parser.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="sampler (default ddim)")
-    parser.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    parser.add_argument(
-        "--scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)"
-    )
-    parser.add_argument(
-        "--eta",
-        type=float,
-        default=0.0,
-        help="injected noise: DDIM eta (0 deterministic, 1 as the original demos); 1 is the standard form of "
-        "the ancestral samplers; the other samplers need 0",
-    )
-    parser.add_argument(
-        "--strength",
-        type=float,
-        default=1.0,
-        help="in (0, 1]: below 1, start part-way down the sampler's grid from the image noised to that level "
-        "(keeps more of the image, takes fewer steps); 1 starts from pure noise (default)",
-    )
-    parser.add_argument("--seed", type=int, default=42, help="seed of the start noise (default 42)")
-    parser.add_argument("--n-samples", type=_positive_int, default=1, help="samples per image (default 1)")
-    parser.add_argument(
-        "--height",
-        type=_positive_int,
-        help="resize the input to this height first; text-to-image: the image height "
-        "(default: native, 512 for SD)",
-    )
-    parser.add_argument(
-        "--width",
-        type=_positive_int,
-        help="resize the input to this width first; text-to-image: the image width "
-        "(default: native, 512 for SD)",
-    )
+    options.add_arguments(parser.add_argument_group("sampling and inpainting controls"), with_defaults=True)
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
         "--precision", default="fp32", choices=sorted(PRECISIONS), help="weights/compute dtype"
@@ -120,42 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
         "memory of their own instead of reusing the heap (about 10 %% slower at 512x512 in fp32)",
     )
     parser.add_argument(
-        "--vae-tiling",
-        default="auto",
-        choices=list(VAE_TILING),
-        help="run the VAE in overlapping 512-pixel tiles (less memory); auto: above 1024 pixels",
-    )
-    controls = parser.add_argument_group(
-        "inpainting controls (off by default: a plain run is the original's)"
-    )
-    controls.add_argument(
-        "--mask-grow", type=int, default=0, metavar="PX", help="dilate the mask by PX pixels"
-    )
-    controls.add_argument(
-        "--mask-blur",
-        type=float,
-        default=0.0,
-        metavar="PX",
-        help="soften the paste-back edge (Gaussian sigma, px)",
-    )
-    controls.add_argument(
-        "--mask-mode",
-        default="nearest",
-        choices=["nearest", "max"],
-        help="mask to latent size: nearest (original) or max (any repainted pixel marks its cell)",
-    )
-    controls.add_argument(
-        "--paste-back",
-        action="store_true",
-        help="keep the original pixels outside the (blurred) mask exactly",
-    )
-    controls.add_argument(
-        "--crop-to-mask",
-        type=int,
-        metavar="PADDING",
-        help="inpaint only the box around the mask (+PADDING px) at the model's native size, pasted back",
-    )
-    parser.add_argument(
         "--outdir", type=Path, default=Path("outputs"), help="output folder (default outputs/)"
     )
     parser.add_argument("--save-latents", action="store_true", help="also save each final latent as .npy")
@@ -164,22 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Everything that can be checked before the model loads; the options through their one validate()."""
     if args.batch is not None and args.mask is not None:
         parser.error("--mask goes with --image; in --batch mode masks come from the folder or list")
-    if args.image is None and args.batch is None:
-        if args.mask is not None:
-            parser.error("--mask needs --image (the image to inpaint)")
-        if args.strength != 1:
-            parser.error(
-                f"--strength {args.strength} below 1 starts from a noised image: give --image "
-                "(text-to-image takes strength 1)"
-            )
     if args.resize_mask and args.mask is None and args.batch is None:
         parser.error("--resize-mask needs --mask")
-    has_mask = args.mask is not None or args.batch is not None
+    has_image = args.image is not None or args.batch is not None
     try:
-        check_options(args.sampler, args.steps, args.scale, args.eta, strength=args.strength)
-        check_controls(args.mask_grow, args.mask_blur, args.paste_back, args.crop_to_mask, has_mask=has_mask)
+        options.from_arguments(args).validate(
+            has_image=has_image, has_mask=args.mask is not None or args.batch is not None
+        )
     except LdmInpaintError as error:
         parser.error(str(error))
     if not args.ckpt.is_file():
@@ -209,55 +135,23 @@ def _run_pair(
     stem = TEXT_TO_IMAGE_STEM if image_path is None else image_path.stem
     with tqdm(desc=stem, unit="step", leave=False, file=sys.stderr) as bar:
 
-        def progress(index: int, total: int) -> None:
-            bar.total = total
+        def progress(step: StepInfo) -> None:
+            bar.total = step.total
             bar.update(1)
 
-        result = pipeline(
-            image,
-            mask,
-            args.prompt,
-            negative_prompt=args.negative_prompt,
-            sampler=args.sampler,
-            steps=args.steps,
-            guidance_scale=args.scale,
-            eta=args.eta,
-            strength=args.strength,
-            seed=args.seed,
-            n_samples=args.n_samples,
-            height=args.height,
-            width=args.width,
-            long_prompts=args.long_prompts,
-            mask_grow=args.mask_grow,
-            mask_blur=args.mask_blur,
-            mask_mode=args.mask_mode,
-            paste_back=args.paste_back,
-            crop_to_mask=args.crop_to_mask,
-            vae_tiling=VAE_TILING[args.vae_tiling],
-            callback=progress,
-        )
+        result = pipeline(image, mask, options.from_arguments(args), callback=progress)
+    for note in result.notes:
+        print(f"ldm-inpaint: note: {note}", file=sys.stderr)
+    if args.seed == options.RANDOM_SEED:
+        print(f"ldm-inpaint: seed {result.options.seed}", file=sys.stderr)
     written = []
     for index, picture in enumerate(result.to_pil()):
         metadata = {
             **ckpt_meta,
-            "prompt": args.prompt,
-            "negative_prompt": args.negative_prompt,
-            "seed": str(args.seed),
+            **result.options.to_metadata(),
             "sample_index": str(index),
-            "sampler": args.sampler,
-            "steps": str(args.steps),
             "steps_taken": str(result.steps_taken),
-            "scale": str(args.scale),
-            "eta": str(args.eta),
-            "strength": str(args.strength),
             "precision": args.precision,
-            "vae_tiling": args.vae_tiling,
-            "long_prompts": str(args.long_prompts),
-            "mask_grow": str(args.mask_grow),
-            "mask_blur": str(args.mask_blur),
-            "mask_mode": args.mask_mode,
-            "paste_back": str(args.paste_back),
-            "crop_to_mask": str(args.crop_to_mask),
             "image": "" if image_path is None else str(image_path),
             "mask": "" if mask_path is None else str(mask_path),
         }
@@ -268,28 +162,21 @@ def _run_pair(
     return written
 
 
-# Subcommands: ``ldm-inpaint NAME ...``; anything else is the inpainting command itself.
-SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "convert": convert_main,
-    "inspect": inspect_main,
-    "ablate": ablate_main,
-}
-
-
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"ldm-inpaint: warning: {message}\n"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    warnings.formatwarning = _one_line_warning
     keep_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
-        return SUBCOMMANDS[argv[0]](argv[1:])
-    return inpaint_main(argv)
+        module, function, _ = SUBCOMMANDS[argv[0]]
+        return run(f"ldm-inpaint {argv[0]}", getattr(importlib.import_module(module), function), argv[1:])
+    return run("ldm-inpaint", inpaint_main, argv)
 
 
 def inpaint_main(argv: Sequence[str]) -> int:
+    # The model code, imported once the command line is known to be good.
+    from ldm_inpaint.checkpoint import load_model, sha256_file
+    from ldm_inpaint.models.packing import can_pack
+    from ldm_inpaint.pipeline import InpaintPipeline
+
     parser = build_parser()
     args = parser.parse_args(argv)
     _validate(parser, args)
@@ -300,7 +187,7 @@ def inpaint_main(argv: Sequence[str]) -> int:
             pairs, problems = image_io.find_pairs(args.batch)
         else:
             pairs, problems = [(args.image, args.mask)], []
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(args.device)
         dtype = PRECISIONS[args.precision]
         loaded = load_model(
             args.ckpt,
@@ -323,7 +210,7 @@ def inpaint_main(argv: Sequence[str]) -> int:
         }
     except LdmInpaintError as error:
         print(f"ldm-inpaint: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     failures = list(problems)
     for image_path, mask_path in pairs:
         try:
@@ -339,7 +226,7 @@ def inpaint_main(argv: Sequence[str]) -> int:
         )
         for failure in failures:
             print(f"  {failure}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED_ITEMS
     return 0
 
 

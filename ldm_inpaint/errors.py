@@ -12,3 +12,8 @@ class ConfigError(LdmInpaintError):
 
 class CheckpointError(LdmInpaintError):
     """A file that is not a readable checkpoint, or whose weights do not match the config."""
+
+
+class Cancelled(Exception):  # noqa: N818 - the name says what happened, as asyncio's CancelledError does
+    """Raised from a step callback to stop a pipeline call; the call then raises it again, having let go of
+    what it held. Not an :class:`LdmInpaintError`: nothing was wrong with the input."""

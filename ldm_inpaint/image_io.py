@@ -10,7 +10,7 @@ Tensors -> files: :func:`tensor_to_pil`, then :func:`save_png` / :func:`save_npy
 (:func:`read_png_metadata` reads them back).
 
 Batch input: :func:`find_pairs` reads a folder of ``X.png`` + ``X_mask.png`` pairs, or a text file listing
-pairs. Studies: :func:`draw_grid` lays results out in a labelled grid.
+pairs.
 """
 
 from __future__ import annotations
@@ -24,13 +24,16 @@ from typing import BinaryIO
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
 from ldm_inpaint.errors import LdmInpaintError
+from ldm_inpaint.files import write_atomic
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# Masks may also be 2-D numpy arrays (values in [0, 1], or booleans).
+MASK_EXTENSIONS = (*IMAGE_EXTENSIONS, ".npy")
 MASK_SUFFIX = "_mask"
 
 # Grayscale modes read on a 16-bit scale (white = 65535). "I" (32-bit integers) is included: Pillow uses it
@@ -60,11 +63,14 @@ def load_image(path: str | Path) -> Image.Image:
 
 
 def _read(path: Path) -> Image.Image:
-    """The decoded image file as stored (format and PNG text chunks kept), its file closed."""
+    """The decoded image file as stored (format and PNG text chunks kept), its file closed; a 2-D ``.npy``
+    array (a mask, say) as a floating-point (``F``) image."""
     if path.is_dir():
         raise ImageError(f"expected an image file, found a folder: {path}")
     if not path.exists():
         raise ImageError(f"expected an image file, found nothing at {path}")
+    if path.suffix.lower() == ".npy":
+        return _read_array(path)
     try:
         with Image.open(path) as image:
             image.load()
@@ -78,6 +84,20 @@ def _read(path: Path) -> Image.Image:
             f"expected a complete image file, found a damaged or truncated one: {path} ({exc})"
         ) from exc
     return image
+
+
+def _read_array(path: Path) -> Image.Image:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ImageError(
+            f"expected a .npy array without pickled objects, could not read {path} ({exc})"
+        ) from exc
+    if array.ndim != 2 or array.dtype.kind not in "biuf":
+        raise ImageError(
+            f"expected a 2-D array of numbers or booleans in {path}, found shape {array.shape} of {array.dtype}"
+        )
+    return Image.fromarray(array.astype(np.float32), mode="F")
 
 
 def _without_alpha(image: Image.Image) -> Image.Image:
@@ -129,19 +149,44 @@ def image_to_tensor(image: Image.Image) -> Tensor:
     return x.permute(2, 0, 1)[None].contiguous()  # (H, W, 3) -> (1, 3, H, W)
 
 
-def mask_to_tensor(mask: Image.Image) -> Tensor:
-    """The mask as a (1, 1, H, W) float32 tensor of exact 0s and 1s, where 1 (white) marks pixels to repaint.
+def mask_levels(mask: Image.Image) -> tuple[np.ndarray, float]:
+    """The mask's levels, (H, W) float32, and the level that means white (repaint), reading masks as people
+    make them:
 
-    As in the original scripts: grayscale luminance in [0, 1] (Pillow's ITU-R 601-2 luma for color masks),
-    then ``>= 0.5 -> 1`` and ``< 0.5 -> 0`` (so 8-bit 127 -> 0 and 128 -> 1). The alpha of an RGBA / LA mask
-    is ignored: only the luminance of its color channels counts.
+    - grayscale or color: the luminance (Pillow's ITU-R 601-2 luma for color), as the original scripts;
+    - drawn in the alpha channel (RGBA / LA / PA whose color channels are one uniform color while the alpha
+      varies): the alpha, opaque = repaint;
+    - floating point (mode ``F``: TIFF, ``.npy``) with every value in [0, 1]: that scale, white = 1; other
+      ``F`` values are on Pillow's 0..255 scale.
     """
+    if mask.mode in ("RGBA", "LA", "PA"):
+        rgba = np.asarray(mask.convert("RGBA"))
+        alpha = rgba[..., 3]
+        if (rgba[..., :3] == rgba[:1, :1, :3]).all() and alpha.min() != alpha.max():
+            return alpha.astype(np.float32), 255.0
     gray = _without_alpha(mask)
     if gray.mode == "RGB":
         gray = gray.convert("L")
-    pixels, white = _pixels(gray)
-    repaint = pixels >= white / 2  # the same as pixels / white >= 0.5, without rounding
+    if gray.mode == "F":
+        values = np.asarray(gray, dtype=np.float32)
+        if np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1:
+            return values, 1.0
+    return _pixels(gray)
+
+
+def mask_to_tensor(mask: Image.Image) -> Tensor:
+    """The mask as a (1, 1, H, W) float32 tensor of exact 0s and 1s, where 1 (white) marks pixels to repaint:
+    :func:`mask_levels` binarized at half of white, as in the original scripts (``>= 0.5 -> 1``, so 8-bit
+    127 -> 0 and 128 -> 1)."""
+    levels, white = mask_levels(mask)
+    repaint = levels >= white / 2  # the same as levels / white >= 0.5, without rounding
     return torch.from_numpy(repaint.astype(np.float32))[None, None]  # (H, W) -> (1, 1, H, W)
+
+
+def soft_pixels(mask: Image.Image) -> int:
+    """How many pixels of the mask are neither black nor white (binarized at 0.5 all the same)."""
+    levels, white = mask_levels(mask)
+    return int(((levels > 0) & (levels < white)).sum())
 
 
 def resize_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -198,39 +243,37 @@ def _count_existing(outdir: Path, stem: str) -> int:
     return sum(1 for path in outdir.iterdir() if pattern.fullmatch(path.name))
 
 
-def _write_new(path: Path, write: Callable[[BinaryIO], None]) -> bool:
-    """Create ``path`` (exclusive mode: never an existing file) and fill it with ``write``.
+def _png_writer(image: Image.Image, metadata: Mapping[str, str]) -> Callable[[BinaryIO], None]:
+    """A writer of ``image`` as PNG with every metadata item as a text chunk (tEXt, or iTXt for text outside
+    Latin-1). Text that is not valid Unicode (a file name in another encoding, read as surrogate escapes) is
+    stored with its bytes as ``\\xNN``."""
+    info = PngInfo()
+    for key, value in metadata.items():
+        if not 1 <= len(key) <= 79:
+            raise ValueError(f"expected PNG text keys of 1 to 79 characters, found {len(key)}: {key!r}")
+        info.add_text(key, value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+    return lambda file: image.save(file, format="PNG", pnginfo=info)
 
-    Returns False, touching nothing, if the file already exists; removes the partial file if ``write`` fails.
-    """
-    try:
-        file = path.open("xb")
-    except FileExistsError:
-        return False
-    try:
-        with file:
-            write(file)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    return True
+
+def write_png(image: Image.Image, path: str | Path, metadata: Mapping[str, str]) -> Path:
+    """Write ``path``, replacing the file there if any, in one step (:func:`~ldm_inpaint.files.write_atomic`):
+    for files that are views of other results (a study's grids)."""
+    write_atomic(path, _png_writer(image, metadata), replace=True)
+    return Path(path)
 
 
 def save_png(image: Image.Image, outdir: str | Path, stem: str, metadata: Mapping[str, str]) -> Path:
     """Write ``outdir/<stem>-NNNNN.png`` with the next free number and return its path.
 
     Numbering starts at the count of existing ``<stem>-NNNNN.png`` files and moves on past every number that
-    is taken, as a PNG or as a latent ``.npy``. The file is created in exclusive mode, so a file created by
-    another process between the listing and the writing is skipped too, never overwritten. Every metadata
-    item becomes a PNG text chunk (tEXt, or iTXt for text outside Latin-1). ``outdir`` is created if missing.
+    is taken, as a PNG or as a latent ``.npy``. The file is written under a temporary name and linked to its
+    number only when complete (:func:`~ldm_inpaint.files.write_atomic`), so a killed run leaves no partial
+    PNG, and a file created by another process meanwhile is skipped, never overwritten. Every metadata item
+    becomes a PNG text chunk. ``outdir`` is created if missing.
     """
     if not stem or Path(stem).name != stem:
         raise ValueError(f"expected a file name stem without folders, found {stem!r}")
-    info = PngInfo()
-    for key, value in metadata.items():
-        if not 1 <= len(key) <= 79:
-            raise ValueError(f"expected PNG text keys of 1 to 79 characters, found {len(key)}: {key!r}")
-        info.add_text(key, value)
+    write = _png_writer(image, metadata)
     outdir = Path(outdir)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
@@ -239,9 +282,7 @@ def save_png(image: Image.Image, outdir: str | Path, stem: str, metadata: Mappin
     number = _count_existing(outdir, stem)
     while True:
         path = outdir / f"{stem}-{number:05d}.png"
-        if not path.with_suffix(".npy").exists() and _write_new(
-            path, lambda file: image.save(file, format="PNG", pnginfo=info)
-        ):
+        if not path.with_suffix(".npy").exists() and write_atomic(path, write):
             return path
         number += 1
 
@@ -256,7 +297,7 @@ def save_npy(array: Tensor | np.ndarray, png_path: str | Path) -> Path:
     values = np.asarray(array, dtype=np.float32)
     png_path = Path(png_path)
     path = png_path.with_suffix(".npy")
-    if not _write_new(path, lambda file: np.save(file, values, allow_pickle=False)):
+    if not write_atomic(path, lambda file: np.save(file, values, allow_pickle=False)):
         raise ImageError(
             f"expected no file at {path} (the latent of {png_path.name}), found one; not overwriting it"
         )
@@ -295,11 +336,12 @@ def _pairs_in_folder(folder: Path) -> tuple[list[tuple[Path, Path]], list[str]]:
     images: dict[str, list[Path]] = defaultdict(list)
     masks: dict[str, list[Path]] = defaultdict(list)
     for path in sorted(folder.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
-            if path.stem.endswith(MASK_SUFFIX):
-                masks[path.stem.removesuffix(MASK_SUFFIX)].append(path)
-            else:
-                images[path.stem].append(path)
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        if path.stem.endswith(MASK_SUFFIX) and path.suffix.lower() in MASK_EXTENSIONS:
+            masks[path.stem.removesuffix(MASK_SUFFIX)].append(path)
+        elif path.suffix.lower() in IMAGE_EXTENSIONS:
+            images[path.stem].append(path)
     if not images and not masks:
         return [], [
             f"{folder}: no image files found (expected X.png with X{MASK_SUFFIX}.png, or other extensions: "
@@ -361,91 +403,3 @@ def _pairs_in_list(list_file: Path) -> tuple[list[tuple[Path, Path]], list[str]]
     if not pairs and not problems:
         problems.append(f"{list_file}: expected at least one 'image_path mask_path' line, found none")
     return pairs, problems
-
-
-# ---------------------------------------------------------------------------------------------- grids
-
-LINE_HEIGHT = 14  # px per line of text (PIL's default font is 11 px tall)
-GAP = 4  # px between tiles
-LABEL_WIDTH = 128  # px of the row-label column left of the tiles
-HEADER_HEIGHT = 3 * LINE_HEIGHT  # title, axis names, column labels
-CAPTION_HEIGHT = 2 * LINE_HEIGHT  # under each tile: hash, evaluations, time; the two measurements
-FAILED_GRAY = (200, 200, 200)
-
-
-def grid_size(rows: int, columns: int, tile: tuple[int, int]) -> tuple[int, int]:
-    """(width, height) of a grid of ``rows`` x ``columns`` tiles of ``tile = (width, height)`` pixels."""
-    return LABEL_WIDTH + columns * (tile[0] + GAP), HEADER_HEIGHT + rows * (tile[1] + CAPTION_HEIGHT + GAP)
-
-
-def _fit(text: str, width: int, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> str:
-    """``text`` cut to ``width`` pixels, with "..." when cut."""
-    if font.getlength(text) <= width:
-        return text
-    while text and font.getlength(text + "...") > width:
-        text = text[:-1]
-    return text + "..."
-
-
-def _wrap(text: str, width: int, lines: int, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> list[str]:
-    """``text`` broken into at most ``lines`` lines of ``width`` pixels, after a space where there is one; the
-    last line cut."""
-    wrapped: list[str] = []
-    while text and len(wrapped) < lines - 1:
-        end = len(text)
-        while end > 1 and font.getlength(text[:end]) > width:
-            end -= 1
-        space = text.rfind(" ", 0, end)
-        if end < len(text) and space > 0:
-            end = space + 1
-        wrapped.append(text[:end].rstrip())
-        text = text[end:].lstrip()
-    return [*wrapped, _fit(text, width, font)] if text else wrapped
-
-
-def draw_grid(
-    title: str,
-    row_axis: tuple[str, list[str]] | None,
-    column_axis: tuple[str, list[str]] | None,
-    tiles: list[list[tuple[Image.Image | None, tuple[str, str], str]]],
-    tile_size: tuple[int, int],
-) -> Image.Image:
-    """A labelled grid of equal tiles: a title line, the axis names, column labels above and row labels left of
-    the tiles, and two caption lines under each. ``row_axis`` / ``column_axis`` = (name, one label per row /
-    column); ``tiles[r][c] = (image, or None for a gray tile showing ``failure``, caption lines, failure)``."""
-    font = ImageFont.load_default()
-    rows, columns = len(tiles), len(tiles[0])
-    width, height = tile_size
-    grid = Image.new("RGB", grid_size(rows, columns, tile_size), "white")
-    draw = ImageDraw.Draw(grid)
-    draw.text((GAP, 0), _fit(title, grid.width - 2 * GAP, font), fill="black", font=font)
-    if row_axis is not None:
-        draw.text(
-            (GAP, LINE_HEIGHT), _fit(f"rows: {row_axis[0]}", LABEL_WIDTH - GAP, font), fill="black", font=font
-        )
-    if column_axis is not None:
-        text = _fit(f"columns: {column_axis[0]}", grid.width - LABEL_WIDTH, font)
-        draw.text((LABEL_WIDTH, LINE_HEIGHT), text, fill="black", font=font)
-    for c in range(columns):
-        x = LABEL_WIDTH + c * (width + GAP)
-        if column_axis is not None:
-            label = _fit(column_axis[1][c], width, font)
-            draw.text((x, 2 * LINE_HEIGHT), label, fill="black", font=font)
-        for r in range(rows):
-            y = HEADER_HEIGHT + r * (height + CAPTION_HEIGHT + GAP)
-            image, caption, failure = tiles[r][c]
-            if image is None:
-                draw.rectangle((x, y, x + width - 1, y + height - 1), fill=FAILED_GRAY)
-                for i, line in enumerate(_wrap(failure, width - 2, height // LINE_HEIGHT, font)):
-                    draw.text((x + 1, y + i * LINE_HEIGHT), line, fill="black", font=font)
-            else:
-                grid.paste(image, (x, y))
-            for i, line in enumerate(caption):
-                draw.text((x, y + height + i * LINE_HEIGHT), _fit(line, width, font), fill="black", font=font)
-    if row_axis is not None:
-        for r, value in enumerate(row_axis[1]):
-            y = HEADER_HEIGHT + r * (height + CAPTION_HEIGHT + GAP)
-            lines = _wrap(value, LABEL_WIDTH - 2 * GAP, max(1, height // LINE_HEIGHT), font)
-            for i, line in enumerate(lines):
-                draw.text((GAP, y + i * LINE_HEIGHT), line, fill="black", font=font)
-    return grid

@@ -19,23 +19,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
-from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from open_clip.tokenizer import SimpleTokenizer
 
 
 @dataclass(frozen=True)
 class Tokens:
     """Token ids of a batch of prompts and, per prompt, how many BPE tokens were cut to fit the context."""
 
-    ids: Tensor  # (b, context_length) int64
+    ids: Tensor  # (b, context_length) or, in windows, (b, chunks, context_length) int64
     truncated: list[int]
 
 
 @cache
 def _bpe() -> SimpleTokenizer:
-    """open_clip's tokenizer (ftfy-fixed, whitespace-normalised, lower-cased text), built on first use."""
+    """open_clip's tokenizer (ftfy-fixed, whitespace-normalised, lower-cased text), built on first use;
+    imported then too (open_clip imports its image models and torchvision: seconds a command's ``--help``
+    need not wait)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
     return SimpleTokenizer()
 
 
@@ -85,3 +92,12 @@ def tokenize_chunks(prompts: list[str], pad_token: int, chunks: int, context_len
             window = [bpe.sot_token_id, *body[chunk * per_chunk : (chunk + 1) * per_chunk], bpe.eot_token_id]
             ids[row, chunk, : len(window)] = torch.tensor(window)
     return ids
+
+
+def tokenize_prompts(prompts: list[str], pad_token: int, context_length: int, chunks: int | None) -> Tokens:
+    """What the text encoder takes: :func:`tokenize` (the original truncation), or with ``chunks``
+    :func:`tokenize_chunks` (nothing cut)."""
+    if chunks is None:
+        return tokenize(prompts, pad_token, context_length)
+    ids = tokenize_chunks(prompts, pad_token, chunks, context_length)
+    return Tokens(ids=ids, truncated=[0] * len(prompts))

@@ -17,7 +17,6 @@ original repositories, and it writes tensors only:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -45,12 +44,13 @@ from ldm_inpaint.checkpoint import (
     sort_entries,
     to_file_layout,
 )
+from ldm_inpaint.command import Parser
 from ldm_inpaint.config import ModelConfig
+from ldm_inpaint.devices import PRECISIONS
 from ldm_inpaint.errors import CheckpointError, LdmInpaintError
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 
 OUTPUT_SUFFIXES = (".ckpt", ".safetensors")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Parameter-count groups of ``inspect``, by key prefix (our layout).
 COMPONENTS = {
     "UNet": "model.diffusion_model.",
@@ -189,7 +189,7 @@ def convert_checkpoint(
 
 def convert_main(argv: Sequence[str]) -> int:
     """``ldm-inpaint convert SRC DST``: prints ``<sha256>  DST`` (``sha256sum`` format) on success."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ldm-inpaint convert",
         description="Convert a checkpoint between .ckpt and .safetensors, dtypes, EMA and pruned forms. The "
         "result keeps the original key layout, is checked against the config and never overwrites a file.",
@@ -198,7 +198,9 @@ def convert_main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "destination", type=Path, help="new file; its suffix (.ckpt or .safetensors) picks the format"
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="convert floating weights (default: keep)")
+    parser.add_argument(
+        "--dtype", choices=sorted(PRECISIONS), help="convert floating weights (default: keep)"
+    )
     parser.add_argument("--ema", action="store_true", help="put the EMA copy (model_ema.*) into model.*")
     parser.add_argument("--prune", action="store_true", help="keep only the inference weights + schedule")
     parser.add_argument("--config", help="YAML config or bundled name (default: detected)")
@@ -207,7 +209,7 @@ def convert_main(argv: Sequence[str]) -> int:
         result = convert_checkpoint(
             args.source,
             args.destination,
-            dtype=DTYPES.get(args.dtype),
+            dtype=PRECISIONS.get(args.dtype),
             use_ema=args.ema,
             prune=args.prune,
             config=args.config,
@@ -366,7 +368,7 @@ def format_report(report: Report) -> str:
 
 def inspect_main(argv: Sequence[str]) -> int:
     """``ldm-inpaint inspect PATH``: a readable report (or ``--json``); exit 0 even when the file does not fit."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ldm-inpaint inspect",
         description="Report what a checkpoint holds and how it fits a config (detected or given).",
     )

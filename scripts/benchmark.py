@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ldm_inpaint.tools import DTYPES
+from ldm_inpaint.devices import PRECISIONS as DTYPES
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {

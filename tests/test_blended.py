@@ -23,10 +23,11 @@ from PIL import Image
 
 from ldm_inpaint.checkpoint import build_model
 from ldm_inpaint.config import load_config
+from ldm_inpaint.image_io import mask_to_tensor
 from ldm_inpaint.masks import to_latent
-from ldm_inpaint.pipeline import InpaintPipeline, _as_image_tensor, _as_mask_tensor
+from ldm_inpaint.pipeline import InpaintPipeline, _as_image_tensor
 from ldm_inpaint.random_weights import random_checkpoint
-from ldm_inpaint.samplers import NOISE_FREE
+from ldm_inpaint.samplers import SAMPLERS
 
 from .conftest import CONFIGS
 from .oracles import ORIGINAL_DDIM, tiny_text_cfg
@@ -94,7 +95,7 @@ def our_result(config_path: Path, checkpoint: dict, image, mask, *, seed: int, *
     x_T = torch.randn(
         1, 4, image.height // 8, image.width // 8, generator=torch.Generator().manual_seed(seed)
     )
-    return pipeline(image, mask, PROMPT, negative_prompt=NEGATIVE, start_latent=x_T, **options)
+    return pipeline(image, mask, prompt=PROMPT, negative_prompt=NEGATIVE, start_latent=x_T, **options)
 
 
 def scheduler_for(name: str, config_path: Path):
@@ -156,12 +157,12 @@ def test_known_region_is_the_encoded_original_exactly(
     blended_pipeline: InpaintPipeline, sampler: str, strength: float
 ) -> None:
     image, mask = sample_image(SIZE), sample_mask(SIZE)
-    eta = 0.0 if sampler in NOISE_FREE else 1.0
+    eta = 1.0 if SAMPLERS[sampler].stochastic else 0.0
     result = blended_pipeline(
-        image, mask, PROMPT, sampler=sampler, steps=3, eta=eta, strength=strength, n_samples=2
+        image, mask, prompt=PROMPT, sampler=sampler, steps=3, eta=eta, strength=strength, n_samples=2
     )
     original = blended_pipeline.encode_image(_as_image_tensor(image))
-    keep = (to_latent(_as_mask_tensor(mask), (SIZE // 8, SIZE // 8)) < 0.5).expand_as(result.latents)
+    keep = (to_latent(mask_to_tensor(mask), (SIZE // 8, SIZE // 8)) < 0.5).expand_as(result.latents)
     assert torch.equal(result.latents[keep], original.expand_as(result.latents)[keep])
     repainted = result.latents[~keep] - original.expand_as(result.latents)[~keep]
     assert repainted.abs().max() > 0.1  # the masked region is repainted, not copied
@@ -174,7 +175,7 @@ def test_blending_changes_the_repainted_region_only_through_the_model(
     so the repainted region differs from the unblended run's."""
     image, mask = sample_image(SIZE), sample_mask(SIZE)
     options = dict(steps=4, strength=0.5, seed=2)
-    free = blended_pipeline(image, None, PROMPT, **options)
-    blended = blended_pipeline(image, mask, PROMPT, **options)
-    repaint = (to_latent(_as_mask_tensor(mask), (SIZE // 8, SIZE // 8)) > 0.5).expand_as(free.latents)
+    free = blended_pipeline(image, None, prompt=PROMPT, **options)
+    blended = blended_pipeline(image, mask, prompt=PROMPT, **options)
+    repaint = (to_latent(mask_to_tensor(mask), (SIZE // 8, SIZE // 8)) > 0.5).expand_as(free.latents)
     assert not torch.allclose(free.latents[repaint], blended.latents[repaint])

@@ -22,12 +22,13 @@ import torch
 from torch import nn
 
 from ldm_inpaint.checkpoint import build_model, load_model, read_checkpoint, release_file_pages
+from ldm_inpaint.compile import compile_unet
 from ldm_inpaint.config import load_config
 from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.models.autoencoder import AutoencoderKL
 from ldm_inpaint.models.packing import PackedConv2d, pack_convolutions, unpack_convolutions
 from ldm_inpaint.models.unet import UNetModel
-from ldm_inpaint.pipeline import InpaintPipeline, compile_unet
+from ldm_inpaint.pipeline import InpaintPipeline
 from ldm_inpaint.random_weights import random_checkpoint
 
 from .conftest import FULL_CONFIGS, TINY_CONFIGS

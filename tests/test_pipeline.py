@@ -20,9 +20,11 @@ from PIL import Image
 from ldm_inpaint.checkpoint import OUR_TEXT_PREFIX, SD1_TEXT_PREFIX, build_model
 from ldm_inpaint.config import ModelConfig, load_config
 from ldm_inpaint.errors import LdmInpaintError
-from ldm_inpaint.pipeline import MEMO_SIZE, InpaintPipeline, _as_image_tensor, _as_mask_tensor, start_noise
+from ldm_inpaint.image_io import mask_to_tensor
+from ldm_inpaint.memo import MEMO_SIZE
+from ldm_inpaint.pipeline import InpaintPipeline, _as_image_tensor, start_noise
 from ldm_inpaint.random_weights import random_checkpoint
-from ldm_inpaint.samplers import NOISE_FREE, SAMPLERS
+from ldm_inpaint.samplers import SAMPLERS
 from ldm_inpaint.tokenizer import chunk_count, tokenize
 
 from .conftest import CONFIGS, FULL_CONFIGS, TINY_CONFIGS
@@ -104,7 +106,13 @@ def run_parity(config_path: Path, size: int, steps: int, scale: float, text_cfg:
 
     ours = InpaintPipeline(build_model(checkpoint, config).model)
     result = ours(
-        image, mask, PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance_scale=scale, start_latent=x_T
+        image,
+        mask,
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        steps=steps,
+        guidance_scale=scale,
+        start_latent=x_T,
     )
 
     theirs = diffusers_pipeline(config_path, checkpoint)
@@ -157,13 +165,13 @@ def tiny_pipeline() -> InpaintPipeline:
 def test_same_seed_is_bit_identical_and_seeds_differ(tiny_pipeline: InpaintPipeline) -> None:
     image, mask = sample_image(64), sample_mask(64)
     options = dict(steps=4, guidance_scale=5.0, eta=1.0, seed=7, n_samples=2)
-    first = tiny_pipeline(image, mask, PROMPT, **options)
-    second = tiny_pipeline(image, mask, PROMPT, **options)
+    first = tiny_pipeline(image, mask, prompt=PROMPT, **options)
+    second = tiny_pipeline(image, mask, prompt=PROMPT, **options)
     assert torch.equal(first.latents, second.latents) and torch.equal(first.images, second.images)
-    other = tiny_pipeline(image, mask, PROMPT, **{**options, "seed": 8})
+    other = tiny_pipeline(image, mask, prompt=PROMPT, **{**options, "seed": 8})
     assert not torch.allclose(first.latents, other.latents)
     # eta > 0 draws fresh noise at each step from the seeded generator: it must change the result.
-    deterministic = tiny_pipeline(image, mask, PROMPT, **{**options, "eta": 0.0})
+    deterministic = tiny_pipeline(image, mask, prompt=PROMPT, **{**options, "eta": 0.0})
     assert not torch.allclose(first.latents, deterministic.latents)
 
 
@@ -188,7 +196,7 @@ def test_vae_runs_inside_the_lean_allocator_block(
     ]
     try:
         tiny_pipeline.clear_memo()
-        tiny_pipeline(sample_image(64), sample_mask(64), PROMPT, steps=2)
+        tiny_pipeline(sample_image(64), sample_mask(64), prompt=PROMPT, steps=2)
     finally:
         for hook in hooks:
             hook.remove()
@@ -202,24 +210,28 @@ def test_start_noise_is_the_original_demo_code() -> None:
 
 def test_odd_sizes_are_padded_and_cropped_back(tiny_pipeline: InpaintPipeline) -> None:
     image, mask = sample_image(64).crop((0, 0, 61, 50)), sample_mask(64).crop((0, 0, 61, 50))
-    result = tiny_pipeline(image, mask, PROMPT, steps=2)
+    result = tiny_pipeline(image, mask, prompt=PROMPT, steps=2)
     assert result.images.shape == (1, 3, 50, 61)
     assert result.latents.shape == (1, 4, 8, 8)  # padded to multiples of 32 (tiny UNet: 2 halvings)
-    resized = tiny_pipeline(image, mask, PROMPT, steps=2, height=32, width=48)
+    resized = tiny_pipeline(image, mask, prompt=PROMPT, steps=2, height=32, width=48)
     assert resized.images.shape == (1, 3, 32, 48)
 
 
 def test_non_divisor_step_count_reports_the_original_grid(tiny_pipeline: InpaintPipeline) -> None:
     ticks = []
     result = tiny_pipeline(
-        sample_image(64), sample_mask(64), PROMPT, steps=6, callback=lambda i, n: ticks.append(n)
+        sample_image(64),
+        sample_mask(64),
+        prompt=PROMPT,
+        steps=6,
+        callback=lambda step: ticks.append(step.total),
     )
     assert result.steps_taken == 7 and len(ticks) == 7
 
 
 def test_plms_and_guidance_scale_one_run(tiny_pipeline: InpaintPipeline) -> None:
     result = tiny_pipeline(
-        sample_image(64), sample_mask(64), PROMPT, sampler="plms", steps=3, guidance_scale=1.0
+        sample_image(64), sample_mask(64), prompt=PROMPT, sampler="plms", steps=3, guidance_scale=1.0
     )
     assert torch.isfinite(result.latents).all()
 
@@ -238,18 +250,18 @@ def test_plms_and_guidance_scale_one_run(tiny_pipeline: InpaintPipeline) -> None
 def test_bad_options_are_clear_errors(tiny_pipeline: InpaintPipeline, options: dict, message: str) -> None:
     prompt = options.pop("prompt", PROMPT)
     with pytest.raises(LdmInpaintError, match=message):
-        tiny_pipeline(sample_image(64), sample_mask(64), prompt, **options)
+        tiny_pipeline(sample_image(64), sample_mask(64), prompt=prompt, **options)
 
 
 def test_image_and_mask_of_different_sizes(tiny_pipeline: InpaintPipeline) -> None:
     with pytest.raises(LdmInpaintError, match="resize the mask"):
-        tiny_pipeline(sample_image(64), sample_mask(32), PROMPT, steps=1)
+        tiny_pipeline(sample_image(64), sample_mask(32), prompt=PROMPT, steps=1)
 
 
 def test_empty_mask_returns_the_image(tiny_pipeline: InpaintPipeline) -> None:
     image = sample_image(64)
-    with pytest.warns(UserWarning, match="mask is empty"):
-        result = tiny_pipeline(image, Image.new("L", (64, 64), 0), PROMPT, n_samples=2)
+    result = tiny_pipeline(image, Image.new("L", (64, 64), 0), prompt=PROMPT, n_samples=2)
+    assert result.notes == ["the mask is empty (nothing to repaint): returning the input image"]
     assert result.steps_taken == 0
     assert result.to_pil()[1].tobytes() == image.tobytes()
 
@@ -257,10 +269,12 @@ def test_empty_mask_returns_the_image(tiny_pipeline: InpaintPipeline) -> None:
 LONG_PROMPT = "a very detailed oil painting of a lighthouse on a cliff above a stormy sea at dusk, " * 8
 
 
-def test_truncation_warns_and_long_prompts_keep_every_token(tiny_pipeline: InpaintPipeline) -> None:
-    text = tiny_pipeline.model.cond_stage_model
-    with pytest.warns(UserWarning, match="token\\(s\\) dropped"):
-        truncated = text([LONG_PROMPT])
+def test_truncation_is_noted_and_long_prompts_keep_every_token(tiny_pipeline: InpaintPipeline) -> None:
+    text = tiny_pipeline.encode_prompts
+    tokens = tiny_pipeline.tokenize([LONG_PROMPT])
+    assert tokens.truncated == [144 + 2 - 77]
+    truncated = tiny_pipeline.encode_tokens(tokens.ids)
+    assert torch.equal(truncated, text([LONG_PROMPT]))
     assert chunk_count(LONG_PROMPT) == 2  # 144 BPE tokens: two 75-token windows
     long = text([LONG_PROMPT, "a cat"], chunks=3)
     assert long.shape == (2, 3 * 77, truncated.shape[-1])
@@ -272,15 +286,18 @@ def test_truncation_warns_and_long_prompts_keep_every_token(tiny_pipeline: Inpai
 
 
 def test_long_prompt_run_pads_the_negative_prompt_to_the_same_windows(tiny_pipeline: InpaintPipeline) -> None:
-    result = tiny_pipeline(sample_image(64), sample_mask(64), LONG_PROMPT, steps=2, long_prompts=True)
-    assert torch.isfinite(result.latents).all()
+    result = tiny_pipeline(sample_image(64), sample_mask(64), prompt=LONG_PROMPT, steps=2, long_prompts=True)
+    assert torch.isfinite(result.latents).all() and result.notes == []
+    for _ in range(2):  # the second context comes from the memo, and so does its note
+        cut = tiny_pipeline(sample_image(64), sample_mask(64), prompt=LONG_PROMPT, steps=1)
+        assert len(cut.notes) == 1 and "69 token(s) dropped (use long prompts to keep them)" in cut.notes[0]
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_every_sampler_runs_end_to_end(tiny_pipeline: InpaintPipeline, sampler: str) -> None:
-    eta = 0.0 if sampler in NOISE_FREE else 1.0
+    eta = 1.0 if SAMPLERS[sampler].stochastic else 0.0
     result = tiny_pipeline(
-        sample_image(64), sample_mask(64), PROMPT, sampler=sampler, steps=3, eta=eta, seed=1
+        sample_image(64), sample_mask(64), prompt=PROMPT, sampler=sampler, steps=3, eta=eta, seed=1
     )
     assert result.steps_taken >= 3 and torch.isfinite(result.latents).all()
 
@@ -288,26 +305,28 @@ def test_every_sampler_runs_end_to_end(tiny_pipeline: InpaintPipeline, sampler: 
 def test_paste_back_keeps_the_unmasked_pixels_exactly(tiny_pipeline: InpaintPipeline) -> None:
     image, mask = sample_image(64), sample_mask(64)
     original = _as_image_tensor(image)
-    plain = tiny_pipeline(image, mask, PROMPT, steps=2)
-    pasted = tiny_pipeline(image, mask, PROMPT, steps=2, paste_back=True)
-    keep = _as_mask_tensor(mask) < 0.5
+    plain = tiny_pipeline(image, mask, prompt=PROMPT, steps=2)
+    pasted = tiny_pipeline(image, mask, prompt=PROMPT, steps=2, paste_back=True)
+    keep = mask_to_tensor(mask) < 0.5
     assert torch.equal(pasted.images[keep.expand_as(pasted.images)], original[keep.expand_as(original)])
     inside = ~keep.expand_as(pasted.images)
     assert torch.equal(pasted.images[inside], plain.images[inside])
     assert torch.equal(pasted.latents, plain.latents)
-    soft = tiny_pipeline(image, mask, PROMPT, steps=2, paste_back=True, mask_blur=2.0)
+    soft = tiny_pipeline(image, mask, prompt=PROMPT, steps=2, paste_back=True, mask_blur=2.0)
     assert not torch.equal(soft.images, pasted.images)
 
 
 def test_mask_grow_and_mode_change_the_conditioning_only_when_asked(tiny_pipeline: InpaintPipeline) -> None:
     image, mask = sample_image(64), sample_mask(64)
-    plain = tiny_pipeline(image, mask, PROMPT, steps=2)
-    assert torch.equal(tiny_pipeline(image, mask, PROMPT, steps=2, mask_grow=0).latents, plain.latents)
-    assert not torch.equal(tiny_pipeline(image, mask, PROMPT, steps=2, mask_grow=4).latents, plain.latents)
+    plain = tiny_pipeline(image, mask, prompt=PROMPT, steps=2)
+    assert torch.equal(tiny_pipeline(image, mask, prompt=PROMPT, steps=2, mask_grow=0).latents, plain.latents)
+    assert not torch.equal(
+        tiny_pipeline(image, mask, prompt=PROMPT, steps=2, mask_grow=4).latents, plain.latents
+    )
     thin = Image.new("L", (64, 64), 0)
     thin.paste(255, (0, 3, 64, 4))  # a 1-pixel stroke: lost by nearest, kept by max
-    nearest = tiny_pipeline(image, thin, PROMPT, steps=2, mask_mode="nearest")
-    widest = tiny_pipeline(image, thin, PROMPT, steps=2, mask_mode="max")
+    nearest = tiny_pipeline(image, thin, prompt=PROMPT, steps=2, mask_mode="nearest")
+    widest = tiny_pipeline(image, thin, prompt=PROMPT, steps=2, mask_mode="max")
     assert not torch.equal(nearest.latents, widest.latents)
 
 
@@ -315,7 +334,7 @@ def test_crop_to_mask_edits_only_the_box(tiny_pipeline: InpaintPipeline) -> None
     image = sample_image(192).crop((0, 0, 192, 160))
     mask = Image.new("L", (192, 160), 0)
     mask.paste(255, (120, 30, 140, 50))
-    result = tiny_pipeline(image, mask, PROMPT, steps=2, crop_to_mask=8)
+    result = tiny_pipeline(image, mask, prompt=PROMPT, steps=2, crop_to_mask=8)
     original = _as_image_tensor(image)
     assert result.images.shape == original.shape
     box = torch.zeros_like(original, dtype=torch.bool)
@@ -336,7 +355,7 @@ def test_crop_to_mask_edits_only_the_box(tiny_pipeline: InpaintPipeline) -> None
 )
 def test_bad_control_options(tiny_pipeline: InpaintPipeline, options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        tiny_pipeline(sample_image(64), sample_mask(64), PROMPT, **options)
+        tiny_pipeline(sample_image(64), sample_mask(64), prompt=PROMPT, **options)
 
 
 # Image-to-image, text-to-image, strength and memoization, for both model kinds.
@@ -370,8 +389,8 @@ def test_text_to_image_defaults_to_the_native_size(any_pipeline: InpaintPipeline
 def test_image_to_image_at_strength_1_is_text_to_image(any_pipeline: InpaintPipeline) -> None:
     """At strength 1 the image sets only the size: an inpainting model sees it fully masked (mid-gray)."""
     image = sample_image(64)
-    repainted = any_pipeline(image, None, PROMPT, steps=2, seed=3)
-    generated = any_pipeline(None, None, PROMPT, steps=2, seed=3, height=64, width=64)
+    repainted = any_pipeline(image, None, prompt=PROMPT, steps=2, seed=3)
+    generated = any_pipeline(None, None, prompt=PROMPT, steps=2, seed=3, height=64, width=64)
     assert torch.equal(repainted.latents, generated.latents)
 
 
@@ -382,7 +401,7 @@ def test_image_to_image_keeps_more_of_the_image_at_lower_strength(any_pipeline: 
     original = any_pipeline.encode_image(_as_image_tensor(image)).float()
     change = []
     for strength, taken in [(0.1, 1), (0.3, 3), (1.0, 10)]:
-        result = any_pipeline(image, None, PROMPT, steps=10, strength=strength, guidance_scale=1.0)
+        result = any_pipeline(image, None, prompt=PROMPT, steps=10, strength=strength, guidance_scale=1.0)
         assert result.steps_taken == result.unet_evaluations == taken
         change.append((result.latents - original).abs().mean().item())
     assert change[0] < change[1] < change[2] and change[0] < 0.05 * change[2]
@@ -401,7 +420,7 @@ def test_text_to_image_conditions_an_inpainting_model_on_a_full_mask_of_mid_gray
         return type(unet).forward(unet, x_in, t, context)
 
     monkeypatch.setattr(unet, "forward", recording_forward)
-    tiny_pipeline(None, None, PROMPT, height=64, width=64, steps=1, guidance_scale=1.0)
+    tiny_pipeline(None, None, prompt=PROMPT, height=64, width=64, steps=1, guidance_scale=1.0)
     gray = tiny_pipeline.encode_image(torch.zeros(1, 3, 64, 64))
     assert torch.equal(inputs[0][:, 4:5], torch.ones(1, 1, 8, 8))
     assert torch.equal(inputs[0][:, 5:], gray)
@@ -426,11 +445,11 @@ def test_steps_taken_and_unet_evaluations(
     result = tiny_pipeline(
         sample_image(64),
         sample_mask(64),
-        PROMPT,
+        prompt=PROMPT,
         sampler=sampler,
         steps=steps,
         strength=strength,
-        callback=lambda i, n: ticks.append((i, n)),
+        callback=lambda step: ticks.append((step.index, step.total)),
     )
     assert result.steps_taken == taken and ticks == [(i, taken) for i in range(taken)]
     assert result.unet_evaluations == evaluations
@@ -457,16 +476,16 @@ def test_contexts_and_latents_are_memoized_across_calls(
     vae_calls = _count_calls(monkeypatch, any_pipeline.model.first_stage_model, "encode")
     image, mask = sample_image(64), sample_mask(64)
     options = dict(steps=2, strength=0.5, negative_prompt=NEGATIVE)
-    any_pipeline(image, mask, PROMPT, **options)
+    any_pipeline(image, mask, prompt=PROMPT, **options)
     # Prompt and negative prompt; the full image (start and blended known region) and, for an inpainting
     # model, the masked image.
     encodings = 2 if any_pipeline.config.is_inpainting else 1
     assert (len(text_calls), len(vae_calls)) == (2, encodings)
-    any_pipeline(image, mask, PROMPT, **options, seed=9, sampler="euler")
+    any_pipeline(image, mask, prompt=PROMPT, **options, seed=9, sampler="euler")
     assert (len(text_calls), len(vae_calls)) == (2, encodings)
-    any_pipeline(image, mask, "another prompt", **options)  # one new context, the negative one is kept
+    any_pipeline(image, mask, prompt="another prompt", **options)  # one new context, the negative one is kept
     assert (len(text_calls), len(vae_calls)) == (3, encodings)
-    any_pipeline(image, mask, PROMPT, **options, vae_tiling=True)  # tiled encodings are other latents
+    any_pipeline(image, mask, prompt=PROMPT, **options, vae_tiling=True)  # tiled encodings are other latents
     assert (len(text_calls), len(vae_calls)) == (3, 2 * encodings)
 
 
@@ -475,10 +494,10 @@ def test_memo_is_bounded(tiny_pipeline: InpaintPipeline, monkeypatch: pytest.Mon
     text_calls = _count_calls(monkeypatch, tiny_pipeline.model.cond_stage_model, "forward")
     prompts = [f"prompt {i}" for i in range(MEMO_SIZE + 1)]
     for prompt in prompts:
-        tiny_pipeline._context([prompt], None)
-    tiny_pipeline._context([prompts[-1]], None)  # still held
+        tiny_pipeline._context([prompt], None, [])
+    tiny_pipeline._context([prompts[-1]], None, [])  # still held
     assert len(text_calls) == MEMO_SIZE + 1
-    tiny_pipeline._context([prompts[0]], None)  # the oldest was dropped
+    tiny_pipeline._context([prompts[0]], None, [])  # the oldest was dropped
     assert len(text_calls) == MEMO_SIZE + 2
 
 
@@ -501,4 +520,4 @@ def test_bad_strength_and_missing_inputs_are_clear_errors(
     inputs = {"image": sample_image(64), "mask": sample_mask(64)}
     inputs.update({key: call.pop(key) for key in ("image", "mask") if key in call})
     with pytest.raises(LdmInpaintError, match=message):
-        tiny_pipeline(inputs["image"], inputs["mask"], PROMPT, **call)
+        tiny_pipeline(inputs["image"], inputs["mask"], prompt=PROMPT, **call)

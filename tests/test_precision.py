@@ -8,14 +8,13 @@
   below; measured on 5-step DDIM runs: bf16 mean |diff| 0.023-0.024 x the image std, max 0.16-0.21 x; fp16
   0.003 x and 0.03 x), and so do single full-size UNet and VAE passes under -m slow (bf16 0.013-0.014 x and
   0.06-0.14 x; fp16 0.008-0.009 x and 0.04-0.07 x);
-- a VAE whose half-precision pass overflows is run again in float32, with exactly one warning, and the result
+- a VAE whose half-precision pass overflows is run again in float32, with exactly one note, and the result
   is that float32 pass; non-finite values that float32 cannot fix raise ``LdmInpaintError``.
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ldm_inpaint.checkpoint import build_model
+from ldm_inpaint.conditioning import mask_image
 from ldm_inpaint.config import load_config
 from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.models.attention import attention, set_attention_slicing
@@ -37,7 +37,7 @@ from .test_pipeline import PROMPT, sample_image, sample_mask
 
 # Half precision vs float32, as fractions of the float32 output's std: (mean |diff|, max |diff|).
 HALF_TOLERANCE = {torch.bfloat16: (0.05, 0.4), torch.float16: (0.02, 0.2)}
-# What the pipeline warns when a half-precision VAE pass is redone in float32.
+# The note the pipeline gives when a half-precision VAE pass is redone in float32.
 FALLBACK_WARNING = "VAE {} gave NaN/inf in float16 (overflow): redone in float32"
 # The weight scale that makes the tiny VAE overflow in fp16 (a power of two: exact in both dtypes).
 OVERFLOW_SCALE = 2.0**15
@@ -184,21 +184,20 @@ def float32_vae(pipeline: InpaintPipeline) -> AutoencoderKL:
 
 
 @pytest.mark.parametrize("tile", [False, True])
-def test_overflowing_half_decode_is_redone_in_float32_with_one_warning(
+def test_overflowing_half_decode_is_redone_in_float32_with_one_note(
     fp16_pipeline: InpaintPipeline, tile: bool
 ) -> None:
     pipeline = overflowing(fp16_pipeline, "decoder.conv_in.weight")
-    # 72 x 16 latent cells: two 64-cell tiles when tiled; one warning whatever the number of tiles.
+    # 72 x 16 latent cells: two 64-cell tiles when tiled; one note whatever the number of tiles.
     latents = torch.randn(1, 4, 72, 16, generator=torch.Generator().manual_seed(0))
     z = (latents / pipeline.config.scale_factor).half()
     with torch.no_grad():
         assert not torch.isfinite(pipeline.model.first_stage_model.decode(z)).all()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            images = pipeline.decode(latents, tile=tile)
+        notes: list[str] = []
+        images = pipeline.decode(latents, tile=tile, notes=notes)
         vae = float32_vae(pipeline)
         expected = decode_tiled(vae, z.float()) if tile else vae.decode(z.float())
-    assert [str(w.message) for w in caught] == [FALLBACK_WARNING.format("decoding")]
+    assert notes == [FALLBACK_WARNING.format("decoding")]
     assert images.dtype == torch.float32 and torch.equal(images, expected)
 
 
@@ -209,11 +208,10 @@ def test_overflowing_half_encode_is_redone_in_float32(fp16_pipeline: InpaintPipe
     mask = torch.zeros(1, 1, 64, 64)
     with torch.no_grad():
         assert not torch.isfinite(pipeline.model.first_stage_model.encode(image.half()).mean).all()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            latent = pipeline.encode_masked_image(image, mask)
+        notes: list[str] = []
+        latent = pipeline.encode_image(mask_image(image, mask), notes=notes)
         expected = float32_vae(pipeline).encode(image.half().float()).mean * pipeline.config.scale_factor
-    assert [str(w.message) for w in caught] == [FALLBACK_WARNING.format("encoding")]
+    assert notes == [FALLBACK_WARNING.format("encoding")]
     assert latent.dtype == torch.float16 and torch.equal(latent, expected.half())
 
 

@@ -21,9 +21,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm_inpaint import pipeline as pipeline_module
+from ldm_inpaint import autoencoding, options
 from ldm_inpaint.checkpoint import build_model
-from ldm_inpaint.cli import VAE_TILING, build_parser
+from ldm_inpaint.cli import build_parser
 from ldm_inpaint.config import load_config
 from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.models.autoencoder import AutoencoderKL
@@ -175,13 +175,17 @@ def test_pipeline_tiles_when_asked_or_above_the_threshold(
         assert not torch.equal(untiled, tiled)
         assert torch.equal(tiny_pipeline.decode(latents), untiled)  # 72 <= AUTO_TILING_LATENT_SIDE
         assert torch.equal(tiny_pipeline.decode(latents, tile=True), tiled)
-        monkeypatch.setattr(pipeline_module, "AUTO_TILING_LATENT_SIDE", 64)
+        monkeypatch.setattr(autoencoding, "AUTO_TILING_LATENT_SIDE", 64)
         assert torch.equal(tiny_pipeline.decode(latents), tiled)
         assert torch.equal(tiny_pipeline.decode(latents, tile=False), untiled)
 
 
 def test_cli_vae_tiling_option() -> None:
     base = ["--ckpt", "m.ckpt", "--image", "a.png", "--mask", "b.png"]
-    assert VAE_TILING[build_parser().parse_args(base).vae_tiling] is None
-    assert VAE_TILING[build_parser().parse_args([*base, "--vae-tiling", "on"]).vae_tiling] is True
-    assert VAE_TILING[build_parser().parse_args([*base, "--vae-tiling", "off"]).vae_tiling] is False
+
+    def tiling(*extra: str) -> bool | None:
+        return options.from_arguments(build_parser().parse_args([*base, *extra])).tiling
+
+    assert (
+        tiling() is None and tiling("--vae-tiling", "on") is True and tiling("--vae-tiling", "off") is False
+    )

@@ -296,6 +296,22 @@ class AutoencoderKL(nn.Module):
         """Image size / latent size: one halving per level but the last."""
         return 2 ** (len(self.params.ch_mult) - 1)
 
+    def float32_copy(self) -> AutoencoderKL:
+        """A float32 twin with plain convolutions and the same attention slicing (the same weights, upcast
+        exactly: about 330 MB for SD's VAE), for a half-precision pass that overflowed."""
+        with torch.device("meta"):
+            twin = AutoencoderKL(self.params)
+        twin.load_state_dict({key: value.float() for key, value in self.state_dict().items()}, assign=True)
+        slices = {
+            name: module.attention_slice
+            for name, module in self.named_modules()
+            if hasattr(module, "attention_slice")
+        }
+        for name, module in twin.named_modules():
+            if name in slices:
+                module.attention_slice = slices[name]
+        return twin.eval()
+
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """Image (b, in_channels, H, W) in [-1, 1] -> posterior over latents (b, embed_dim, H / f, W / f)."""
         self._check_image(x)

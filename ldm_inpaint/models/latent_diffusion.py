@@ -7,7 +7,6 @@ as it is (SD1's text encoder keys go through the one table in ``models.clip`` fi
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,7 +15,6 @@ from torch import Tensor, nn
 from ldm_inpaint.models.autoencoder import AutoencoderKL
 from ldm_inpaint.models.clip import TextTransformer
 from ldm_inpaint.models.unet import UNetModel
-from ldm_inpaint.tokenizer import tokenize, tokenize_chunks
 
 if TYPE_CHECKING:
     from ldm_inpaint.config import ModelConfig
@@ -24,33 +22,25 @@ if TYPE_CHECKING:
 
 
 class TextConditioner(nn.Module):
-    """``cond_stage_model``: prompts -> token ids -> CLIP context (b, 77, width)."""
+    """``cond_stage_model``: token ids -> CLIP context (b, 77, width). Tokenization happens outside
+    (``ldm_inpaint.tokenizer``), so a data loader can pre-tokenize."""
 
     def __init__(self, params: TextEncoderParams) -> None:
         super().__init__()
         self.params = params
         self.model = TextTransformer(params)
 
-    def forward(self, prompts: list[str], chunks: int | None = None) -> Tensor:
-        """Contexts (b, 77, width), the original truncation (with a warning when text is cut); or, with
-        ``chunks``, long-prompt contexts (b, chunks * 77, width): each 75-token window encoded on its own,
-        wrapped in start/end tokens, and the windows concatenated along the sequence."""
-        device = self.model.token_embedding.weight.device
-        length = self.params.context_length
-        if chunks is None:
-            tokens = tokenize(prompts, pad_token=self.params.pad_token, context_length=length)
-            for prompt, cut in zip(prompts, tokens.truncated, strict=True):
-                if cut:
-                    warnings.warn(
-                        f"prompt cut to {length} tokens, {cut} token(s) dropped (use long prompts to keep them): "
-                        f"{prompt[:60]!r}...",
-                        stacklevel=2,
-                    )
-            return self.model(tokens.ids.to(device))
-        ids = tokenize_chunks(prompts, pad_token=self.params.pad_token, chunks=chunks, context_length=length)
+    def forward(self, ids: Tensor) -> Tensor:
+        """Contexts (b, 77, width) of token ids (b, 77) (:func:`~ldm_inpaint.tokenizer.tokenize`); or, for
+        long prompts, (b, chunks * 77, width) of ids (b, chunks, 77)
+        (:func:`~ldm_inpaint.tokenizer.tokenize_chunks`): each window encoded on its own and the windows
+        concatenated along the sequence."""
+        if ids.ndim == 2:
+            return self.model(ids)
+        b, chunks, length = ids.shape
         # (b, chunks, 77) -> (b * chunks, 77) -> (b * chunks, 77, width) -> (b, chunks * 77, width)
-        context = self.model(ids.flatten(0, 1).to(device))
-        return context.reshape(len(prompts), chunks * length, -1)
+        context = self.model(ids.flatten(0, 1))
+        return context.reshape(b, chunks * length, -1)
 
 
 class LatentDiffusion(nn.Module):
