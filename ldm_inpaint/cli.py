@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from ldm_inpaint import __version__, image_io, options
 from ldm_inpaint.command import EXIT_BAD_INPUT, EXIT_FAILED_ITEMS, Parser, run
 from ldm_inpaint.devices import PRECISIONS, resolve_device
 from ldm_inpaint.errors import LdmInpaintError
+from ldm_inpaint.files import check_output_folder
 from ldm_inpaint.runtime import keep_freed_memory
 
 if TYPE_CHECKING:
@@ -91,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--outdir", type=Path, default=Path("outputs"), help="output folder (default outputs/)"
     )
     parser.add_argument("--save-latents", action="store_true", help="also save each final latent as .npy")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=image_io.DEFAULT_MAX_PIXELS,
+        help="refuse inputs and outputs larger than this many pixels, before allocating them "
+        f"(default {image_io.DEFAULT_MAX_PIXELS:,}: 4096 x 4096)",
+    )
     parser.add_argument("--version", action="version", version=f"ldm-inpaint {__version__}")
     return parser
 
@@ -102,22 +111,29 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     if args.resize_mask and args.mask is None and args.batch is None:
         parser.error("--resize-mask needs --mask")
     has_image = args.image is not None or args.batch is not None
+    request = options.from_arguments(args)
     try:
-        options.from_arguments(args).validate(
-            has_image=has_image, has_mask=args.mask is not None or args.batch is not None
-        )
+        request.validate(has_image=has_image, has_mask=args.mask is not None or args.batch is not None)
+        if args.max_pixels < 1:
+            raise LdmInpaintError(f"--max-pixels: expected a positive number, found {args.max_pixels}")
+        if request.height is not None and request.width is not None:
+            image_io.check_pixels(request.width, request.height, args.max_pixels, "--height x --width")
     except LdmInpaintError as error:
         parser.error(str(error))
+    if args.ckpt.is_dir():
+        parser.error(
+            f"--ckpt {args.ckpt}: expected a checkpoint file (.ckpt or .safetensors), found a folder"
+        )
     if not args.ckpt.is_file():
         parser.error(f"checkpoint not found: {args.ckpt}")
 
 
-def _load_pair(image_path: Path | None, mask_path: Path | None, resize_mask: bool):
+def _load_pair(image_path: Path | None, mask_path: Path | None, resize_mask: bool, max_pixels: int):
     """The image and mask of one run, each None when not given (image-to-image, text-to-image)."""
-    image = None if image_path is None else image_io.load_image(image_path)
+    image = None if image_path is None else image_io.load_image(image_path, max_pixels)
     if mask_path is None:
         return image, None
-    mask = image_io.load_image(mask_path)
+    mask = image_io.load_image(mask_path, max_pixels)
     if resize_mask:
         mask = image_io.resize_mask(mask, image.size)
     image_io.check_same_size(image, mask)
@@ -130,8 +146,9 @@ TEXT_TO_IMAGE_STEM = "txt2img"
 
 def _run_pair(
     pipeline: InpaintPipeline, args, image_path: Path | None, mask_path: Path | None, ckpt_meta: dict
-) -> list[Path]:
-    image, mask = _load_pair(image_path, mask_path, args.resize_mask)
+) -> None:
+    """One item: inpaint, then write (and print) each sample's PNG, and its latent with ``--save-latents``."""
+    image, mask = _load_pair(image_path, mask_path, args.resize_mask, args.max_pixels)
     stem = TEXT_TO_IMAGE_STEM if image_path is None else image_path.stem
     with tqdm(desc=stem, unit="step", leave=False, file=sys.stderr) as bar:
 
@@ -144,7 +161,6 @@ def _run_pair(
         print(f"ldm-inpaint: note: {note}", file=sys.stderr)
     if args.seed == options.RANDOM_SEED:
         print(f"ldm-inpaint: seed {result.options.seed}", file=sys.stderr)
-    written = []
     for index, picture in enumerate(result.to_pil()):
         metadata = {
             **ckpt_meta,
@@ -156,10 +172,23 @@ def _run_pair(
             "mask": "" if mask_path is None else str(mask_path),
         }
         png = image_io.save_png(picture, args.outdir, stem, metadata)
-        written.append(png)
+        print(png)
         if args.save_latents:
-            written.append(image_io.save_npy(result.latents[index].numpy().astype(np.float32), png))
-    return written
+            latent = result.latents[index].numpy().astype(np.float32)
+            try:
+                print(image_io.save_npy(latent, png))
+            except OSError as error:
+                raise LdmInpaintError(
+                    f"{png.with_suffix('.npy')}: {error.strerror or error}; its image {png} was written"
+                ) from None
+
+
+def _output_bytes(args: argparse.Namespace, items: int) -> int:
+    """About what the outputs take on disk: uncompressed 8-bit RGB for each sample of each item (at the size
+    asked for, else the models' native 512), and float32 latents with ``--save-latents``."""
+    pixels = (args.height or 512) * (args.width or 512)
+    per_sample = 3 * pixels + (4 * 4 * pixels // 64 if args.save_latents else 0)
+    return items * args.n_samples * per_sample
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,6 +216,8 @@ def inpaint_main(argv: Sequence[str]) -> int:
             pairs, problems = image_io.find_pairs(args.batch)
         else:
             pairs, problems = [(args.image, args.mask)], []
+            _load_pair(args.image, args.mask, args.resize_mask, args.max_pixels)  # readable, before the model
+        check_output_folder(args.outdir, _output_bytes(args, len(pairs)))
         device = resolve_device(args.device)
         dtype = PRECISIONS[args.precision]
         loaded = load_model(
@@ -202,11 +233,16 @@ def inpaint_main(argv: Sequence[str]) -> int:
         for kind, keys in loaded.skipped.items():
             print(f"ldm-inpaint: skipped {len(keys)} {kind}", file=sys.stderr)
         pipeline = InpaintPipeline(loaded.model, compile=args.compile)
+        pipeline.max_pixels = args.max_pixels
         ckpt_meta = {
             "checkpoint": args.ckpt.name,
             "checkpoint_sha256": sha256_file(args.ckpt)[:12],
             "config": pipeline.config.name,
             "software": f"ldm-inpaint {__version__}",
+            # what bit-identical results also depend on (see the README: Reproducibility)
+            "torch": torch.__version__,
+            "device": str(device),
+            "threads": str(torch.get_num_threads()),
         }
     except LdmInpaintError as error:
         print(f"ldm-inpaint: error: {error}", file=sys.stderr)
@@ -214,9 +250,9 @@ def inpaint_main(argv: Sequence[str]) -> int:
     failures = list(problems)
     for image_path, mask_path in pairs:
         try:
-            for path in _run_pair(pipeline, args, image_path, mask_path, ckpt_meta):
-                print(path)
-        except (LdmInpaintError, OSError) as error:
+            _run_pair(pipeline, args, image_path, mask_path, ckpt_meta)
+        except (ValueError, OSError, RuntimeError, MemoryError) as error:
+            # one item's failure (bad file, full disk, out of memory) is reported; the batch goes on
             name = image_path or TEXT_TO_IMAGE_STEM
             failures.append(f"{name}: {error}")
             print(f"ldm-inpaint: error: {name}: {error}", file=sys.stderr)

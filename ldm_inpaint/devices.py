@@ -16,15 +16,13 @@ def resolve_device(name: str | None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise LdmInpaintError(
-            f"unknown device {name!r}: expected cpu, cuda, cuda:N, mps or another torch device type"
-        ) from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise LdmInpaintError(f"unknown device {name!r}: expected cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LdmInpaintError(f"device {name!r} asked for, but this torch sees no CUDA GPU: use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise LdmInpaintError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise LdmInpaintError(f"device {name!r} asked for, but MPS is not available: use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise LdmInpaintError(f"device {name!r}: expected cpu, cuda or mps, found {device.type}")
     return device

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from ldm_inpaint.errors import LdmInpaintError
 
 _PARTIAL = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.partial")
 
@@ -79,3 +83,28 @@ def remove_stale_partials(folder: str | Path) -> list[Path]:
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+def check_output_folder(folder: str | Path, needed_bytes: int = 0) -> Path:
+    """Create ``folder`` if missing and check, before any expensive work, that files can be written there and
+    that about ``needed_bytes`` are free; remove the partial files of killed runs. Raises
+    :class:`~ldm_inpaint.errors.LdmInpaintError` saying what is wrong."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise LdmInpaintError(f"output folder {folder}: expected a folder, found a file; choose another path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise LdmInpaintError(
+            f"output folder {folder}: cannot write there ({error.strerror or error})"
+        ) from None
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise LdmInpaintError(
+            f"output folder {folder}: the outputs need about {needed_bytes / 2**20:.0f} MiB, only "
+            f"{free / 2**20:.0f} MiB are free; free some space or choose another folder"
+        )
+    remove_stale_partials(folder)
+    return folder

@@ -32,6 +32,9 @@ from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.files import write_atomic
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# The most pixels an input or output image may have unless told otherwise (a 4096 x 4096 image: about 3 GB
+# of float32 activations in the VAE's first layers, untiled).
+DEFAULT_MAX_PIXELS = 4096 * 4096
 # Masks may also be 2-D numpy arrays (values in [0, 1], or booleans).
 MASK_EXTENSIONS = (*IMAGE_EXTENSIONS, ".npy")
 MASK_SUFFIX = "_mask"
@@ -49,20 +52,30 @@ class ImageError(LdmInpaintError):
     """An image, mask or batch list that cannot be used: missing, unreadable, or of mismatched size."""
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Read an image file fully into memory (no file handle left open), upright as its EXIF orientation says.
+def check_pixels(width: int, height: int, max_pixels: int, what: str) -> None:
+    """Raise :class:`ImageError` if ``width x height`` exceeds ``max_pixels``, before anything is allocated."""
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{what}: expected at most {max_pixels:,} pixels, found {width}x{height} = {width * height:,}; "
+            "raise the limit (--max-pixels) if the machine has the memory"
+        )
+
+
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Read an image file fully into memory (no file handle left open), upright as its EXIF orientation says;
+    an image of more than ``max_pixels`` is refused from its header, before it is decoded.
 
     For a multi-frame file (GIF, APNG, multi-page TIFF) this is the first frame.
     """
     path = Path(path)
-    image = _read(path)
+    image = _read(path, max_pixels)
     try:
         return ImageOps.exif_transpose(image)
     except _DECODE_ERRORS as exc:
         raise ImageError(f"expected readable EXIF data, found damaged EXIF data in {path} ({exc})") from exc
 
 
-def _read(path: Path) -> Image.Image:
+def _read(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """The decoded image file as stored (format and PNG text chunks kept), its file closed; a 2-D ``.npy``
     array (a mask, say) as a floating-point (``F``) image."""
     if path.is_dir():
@@ -73,7 +86,15 @@ def _read(path: Path) -> Image.Image:
         return _read_array(path)
     try:
         with Image.open(path) as image:
+            check_pixels(image.width, image.height, max_pixels, str(path))
             image.load()
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(
+            f"{path}: expected at most {max_pixels:,} pixels, found a file that declares far more (a "
+            f"decompression bomb?): {exc}"
+        ) from None
     except Image.UnidentifiedImageError as exc:
         raise ImageError(
             f"expected an image file ({', '.join(IMAGE_EXTENSIONS)}, ...), found a file that Pillow cannot "
@@ -282,8 +303,11 @@ def save_png(image: Image.Image, outdir: str | Path, stem: str, metadata: Mappin
     number = _count_existing(outdir, stem)
     while True:
         path = outdir / f"{stem}-{number:05d}.png"
-        if not path.with_suffix(".npy").exists() and write_atomic(path, write):
-            return path
+        try:
+            if not path.with_suffix(".npy").exists() and write_atomic(path, write):
+                return path
+        except OSError as error:
+            raise ImageError(f"cannot write {path}: {error.strerror or error}") from None
         number += 1
 
 

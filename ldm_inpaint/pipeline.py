@@ -55,6 +55,7 @@ from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 from ldm_inpaint.models.packing import can_pack
 from ldm_inpaint.options import InpaintOptions, OptionError
 from ldm_inpaint.samplers import StepCallback, make_schedule, sample
+from ldm_inpaint.samplers.noise import sample_generators
 from ldm_inpaint.schedule import alphas_cumprod
 from ldm_inpaint.tokenizer import Tokens, chunk_count, tokenize_prompts
 
@@ -80,6 +81,10 @@ def start_noise(seed: int, n: int, latent_size: tuple[int, int], channels: int =
     """The original demos' start code: ``np.random.RandomState(seed).randn(n, 4, h, w)`` as float32."""
     noise = np.random.RandomState(seed).randn(n, channels, *latent_size)
     return torch.from_numpy(noise.astype(np.float32))
+
+
+def _height_width(image: Image | Tensor) -> tuple[int, int]:
+    return (image.height, image.width) if isinstance(image, Image) else tuple(image.shape[-2:])
 
 
 def _as_image_tensor(image: Image | Tensor) -> Tensor:
@@ -121,6 +126,8 @@ class InpaintPipeline:
         self.config: ModelConfig = model.config
         self.alphas_cumprod = alphas_cumprod(self.config.schedule)
         self.lock = threading.RLock()
+        # Calls whose working image would be larger are refused before anything is allocated.
+        self.max_pixels = image_io.DEFAULT_MAX_PIXELS
         self._contexts: Memo[tuple[Tensor, tuple[str, ...]]] = Memo()
         self._latents: Memo[Tensor] = Memo()
 
@@ -273,13 +280,13 @@ class InpaintPipeline:
     ) -> InpaintResult:
         notes: list[str] = []
         size = (options.height, options.width)
+        given = (self.native_side, self.native_side) if image is None else _height_width(image)
+        height, width = size[0] or given[0], size[1] or given[1]
+        image_io.check_pixels(width, height, self.max_pixels, "the image to work on")
         if image is None:
             # text-to-image: a mid-gray (0) stand-in, never encoded as a start; an inpainting model sees it
             # fully masked
-            image, size = (
-                torch.zeros(1, 3, options.height or self.native_side, options.width or self.native_side),
-                (None, None),
-            )
+            image, size = torch.zeros(1, 3, height, width), (None, None)
         image = _as_image_tensor(image)
         if mask is not None:
             mask = masks.grow(_as_mask_tensor(mask, notes), options.mask_grow)
@@ -415,7 +422,7 @@ class InpaintPipeline:
             schedule,
             init=image_latent,
             eta=options.eta,
-            generator=torch.Generator(device=device).manual_seed(options.seed),
+            generator=sample_generators(options.seed, n_samples, device),
             callback=callback,
         )
         if blend is not None:

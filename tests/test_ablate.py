@@ -336,7 +336,11 @@ def test_spec_errors_stop_before_any_work(
     spec_path = tmp_path / "study.yaml"
     spec_path.write_text(yaml.safe_dump({**base, **spec}))
     out = tmp_path / "run"
-    assert ablate_main(["--spec", str(spec_path), "--out", str(out), *extra]) == 2
+    try:
+        status = ablate_main(["--spec", str(spec_path), "--out", str(out), *extra])
+    except SystemExit as exit_:  # a command-line value is refused by the parser
+        status = exit_.code
+    assert status == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not out.exists()

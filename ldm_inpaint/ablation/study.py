@@ -92,17 +92,33 @@ class Study:
         return self.sweep[CHECKPOINT] if CHECKPOINT in self.sweep else [self.fixed[CHECKPOINT]]
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases (``*name``): a spec needs none, and a few bytes of nested aliases
+    can stand for gigabytes once expanded (a "billion laughs")."""
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise SpecError(
+                f"line {event.start_mark.line + 1}: expected plain values, found the alias *{event.anchor}; "
+                "write the value out"
+            )
+        return super().compose_node(parent, index)
+
+
 SPEC_KEYS = ("checkpoint", "config", "use_ema", "pairs", "resize_mask", "fixed", "sweep")
 
 
 def read_spec(path: Path) -> dict[str, Any]:
     """The YAML spec as a dict, its top-level keys checked (see ``configs/ablations/example.yaml``)."""
     try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        spec = yaml.load(path.read_text(encoding="utf-8"), Loader=_SpecLoader)
     except (OSError, UnicodeDecodeError) as error:
         raise SpecError(f"cannot read the spec {path}: {error}") from None
     except yaml.YAMLError as error:
         raise SpecError(f"the spec {path} is not valid YAML: {error}") from None
+    except SpecError as error:
+        raise SpecError(f"spec {path}: {error}") from None
     spec = {} if spec is None else spec
     if not isinstance(spec, dict):
         raise SpecError(f"spec {path}: expected a mapping with keys {', '.join(SPEC_KEYS)}, found {spec!r}")
@@ -176,7 +192,7 @@ def _parse_sweep_option(text: str) -> tuple[str, list[object]]:
         raise SpecError(f"--sweep: expected KEY=V1,V2,... (keys: {', '.join(SWEEPABLE)}), found {text!r}")
     if values.lstrip().startswith("["):
         try:
-            return key.strip(), yaml.safe_load(values)
+            return key.strip(), yaml.load(values, Loader=_SpecLoader)
         except yaml.YAMLError as error:
             raise SpecError(f"--sweep {key}: not a YAML list: {values!r} ({error})") from None
     return key.strip(), [value.strip() for value in values.split(",")]

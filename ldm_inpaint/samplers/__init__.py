@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-import torch
 from torch import Tensor
 
 from ldm_inpaint.denoiser import Denoiser
@@ -20,7 +19,7 @@ from ldm_inpaint.samplers.ddim import ddim
 from ldm_inpaint.samplers.dpm_solver import dpmpp_2m, dpmpp_2s_ancestral
 from ldm_inpaint.samplers.euler_heun import euler, euler_ancestral, heun
 from ldm_inpaint.samplers.grid import GRIDS, GridKind, Schedule, grid_length
-from ldm_inpaint.samplers.noise import check_eta, kept_steps
+from ldm_inpaint.samplers.noise import NoiseSource, check_eta, kept_steps
 from ldm_inpaint.samplers.plms import plms
 from ldm_inpaint.samplers.progress import StepCallback, StepInfo
 
@@ -40,7 +39,7 @@ class Sampler(Protocol):
         schedule: Schedule,
         *,
         eta: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: NoiseSource = None,
         callback: StepCallback | None = None,
     ) -> Tensor: ...
 
@@ -96,7 +95,7 @@ def sample(
     *,
     init: Tensor | None = None,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: NoiseSource = None,
     callback: StepCallback | None = None,
 ) -> Tensor:
     """Run sampler ``name`` over ``schedule`` from the unit ``noise``. On a cut schedule (strength < 1) the run

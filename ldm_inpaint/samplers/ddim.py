@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ldm_inpaint.denoiser import Denoiser, timesteps_like
 from ldm_inpaint.parameterization import eps_to_x0
 from ldm_inpaint.samplers.grid import Schedule
-from ldm_inpaint.samplers.noise import noise_like
+from ldm_inpaint.samplers.noise import NoiseSource, noise_like
 from ldm_inpaint.samplers.progress import StepCallback, report
 
 
@@ -18,7 +17,7 @@ def ddim_step(
     a_t: float,
     a_prev: float,
     sigma_t: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: NoiseSource = None,
 ) -> tuple[Tensor, Tensor]:
     """One DDIM update x_t -> x_prev (Song et al. 2021, eq. 12), and the x0 it predicts:
 
@@ -41,7 +40,7 @@ def ddim(
     schedule: Schedule,
     *,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: NoiseSource = None,
     callback: StepCallback | None = None,
 ) -> Tensor:
     """Sample from ``x``, the latent at the first level of ``schedule``, with DDIM, as the original

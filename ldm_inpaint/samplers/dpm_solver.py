@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 from ldm_inpaint.denoiser import Denoiser
 from ldm_inpaint.samplers.grid import Schedule
-from ldm_inpaint.samplers.noise import noise_like
+from ldm_inpaint.samplers.noise import NoiseSource, noise_like
 from ldm_inpaint.samplers.progress import StepCallback, report
 from ldm_inpaint.samplers.sigmas import ancestral_step, denoise, from_sigma_space, to_sigma_space
 
@@ -26,7 +25,7 @@ def dpmpp_2m(
     schedule: Schedule,
     *,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: NoiseSource = None,
     callback: StepCallback | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2; diffusers' ``DPMSolverMultistepScheduler(algorithm_type=
@@ -62,7 +61,7 @@ def dpmpp_2s_ancestral(
     schedule: Schedule,
     *,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: NoiseSource = None,
     callback: StepCallback | None = None,
 ) -> Tensor:
     """DPM-Solver++(2S) ancestral ("DPM++ 2S a", k-diffusion's ``sample_dpmpp_2s_ancestral``) on the

@@ -5,12 +5,11 @@ grid of :func:`~ldm_inpaint.samplers.grid.trailing_grid`. ``x`` comes in and goe
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ldm_inpaint.denoiser import Denoiser
 from ldm_inpaint.samplers.grid import Schedule
-from ldm_inpaint.samplers.noise import noise_like
+from ldm_inpaint.samplers.noise import NoiseSource, noise_like
 from ldm_inpaint.samplers.progress import StepCallback, report
 from ldm_inpaint.samplers.sigmas import (
     ancestral_step,
@@ -27,7 +26,7 @@ def euler_ancestral(
     schedule: Schedule,
     *,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: NoiseSource = None,
     callback: StepCallback | None = None,
 ) -> Tensor:
     """Euler ancestral ("Euler a"): each step ``sigma -> sigma_next`` is an Euler step of the ODE
@@ -59,7 +58,7 @@ def euler(
     schedule: Schedule,
     *,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: NoiseSource = None,
     callback: StepCallback | None = None,
 ) -> Tensor:
     """Euler's method on ``dx/dsigma = (x - D(x; sigma)) / sigma`` (Karras et al. 2022, Algorithm 1 without
@@ -77,7 +76,7 @@ def heun(
     schedule: Schedule,
     *,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: NoiseSource = None,
     callback: StepCallback | None = None,
 ) -> Tensor:
     """Heun's second-order method (Karras et al. 2022, Algorithm 1, deterministic; diffusers'

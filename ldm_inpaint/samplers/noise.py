@@ -3,13 +3,39 @@ rule for ``strength`` (how far down its grid a run from a noised clean latent st
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
+NoiseSource = torch.Generator | Sequence[torch.Generator] | None
+"""Where injected noise comes from: one generator for the batch (diffusers' way), one per sample (so that a
+sample's noise does not depend on how many samples share the batch), or torch's global one."""
 
-def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index``'s noise: ``seed`` itself for sample 0 (a single sample draws what one
+    generator for the batch would), then 32 bits of a hash of (seed, index) (torch's CPU generator keeps 32
+    bits of a seed)."""
+    if index == 0:
+        return seed
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=4).digest(), "little")
+
+
+def sample_generators(seed: int, n: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per sample, seeded with :func:`sample_seed`."""
+    return [torch.Generator(device=device).manual_seed(sample_seed(seed, i)) for i in range(n)]
+
+
+def noise_like(x: Tensor, generator: NoiseSource) -> Tensor:
     """``z ~ N(0, I)`` in x's shape and dtype, drawn on the generator's device and moved to x's, as diffusers'
-    ``randn_tensor`` draws it: a CPU generator gives the same noise for a model on any device."""
+    ``randn_tensor`` draws it: a CPU generator gives the same noise for a model on any device. With one
+    generator per sample, sample ``i``'s noise is drawn from generator ``i``."""
+    if isinstance(generator, Sequence):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"expected one generator per sample ({x.shape[0]}), found {len(generator)}")
+        return torch.cat([noise_like(x[i : i + 1], one) for i, one in enumerate(generator)])
     device = x.device if generator is None else generator.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 

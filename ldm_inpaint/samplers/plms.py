@@ -3,12 +3,12 @@ on Manifolds"), in the variant of the original LDM ``PLMSSampler``."""
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ldm_inpaint.denoiser import Denoiser, timesteps_like
 from ldm_inpaint.samplers.ddim import ddim_step
 from ldm_inpaint.samplers.grid import Schedule
+from ldm_inpaint.samplers.noise import NoiseSource
 from ldm_inpaint.samplers.progress import StepCallback, report
 
 
@@ -18,7 +18,7 @@ def plms(
     schedule: Schedule,
     *,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: NoiseSource = None,
     callback: StepCallback | None = None,
 ) -> Tensor:
     """Sample from ``x`` at the first level of ``schedule`` (the DDIM grid) with PLMS: a denoiser call a
