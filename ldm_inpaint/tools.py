@@ -48,6 +48,7 @@ from ldm_inpaint.command import Parser
 from ldm_inpaint.config import ModelConfig
 from ldm_inpaint.devices import PRECISIONS
 from ldm_inpaint.errors import CheckpointError, LdmInpaintError
+from ldm_inpaint.files import partial_path, remove_stale_partials
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 
 OUTPUT_SUFFIXES = (".ckpt", ".safetensors")
@@ -137,7 +138,7 @@ def write_checkpoint(tensors: Mapping[str, Tensor], path: Path) -> None:
     """Write ``tensors`` to ``path`` (format by suffix) through a hidden temporary file in the same folder,
     hard-linked to ``path`` at the end: a crash leaves no partial ``path``, and ``os.link`` refuses an existing
     name, so nothing is ever overwritten, even by a file that appeared meanwhile."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    temporary = partial_path(path)
     try:
         temporary.touch()
         if path.suffix == ".safetensors":
@@ -171,6 +172,7 @@ def convert_checkpoint(
     against ``config`` (detected when None) before anything is written."""
     source, destination = Path(source), Path(destination)
     _check_destination(destination)
+    remove_stale_partials(destination.parent)
     entries = read_checkpoint(source)
     try:
         sorted_ = sort_entries(entries)

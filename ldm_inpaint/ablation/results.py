@@ -19,7 +19,7 @@ from torch import Tensor
 from ldm_inpaint import options
 from ldm_inpaint.ablation.cells import Cell
 from ldm_inpaint.ablation.study import CHECKPOINT, SpecError
-from ldm_inpaint.files import replace_text
+from ldm_inpaint.files import remove_stale_partials, replace_text
 
 COLUMNS = (
     "hash",
@@ -58,6 +58,8 @@ class Results:
             out / "results.csv",
         )
         out.mkdir(parents=True, exist_ok=True)
+        for folder in (out, out / "cells"):
+            remove_stale_partials(folder)
         try:
             self.connection = sqlite3.connect(self.database, timeout=60, isolation_level=None)
             self.connection.execute(
