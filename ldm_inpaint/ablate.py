@@ -1,7 +1,7 @@
 """``ldm-inpaint ablate``: sweep inpainting parameters and checkpoints over image/mask pairs.
 
 A study is checkpoints x pairs x the product of the swept values, with every other parameter fixed. It comes
-from a small YAML spec (``configs/ablations/example.yaml``), from the command line, or both (the command line
+from a small YAML spec (``ldm_inpaint/configs/ablations/example.yaml``), from the command line, or both (the command line
 wins). Each cell is one inpainting run of one sample. Under ``--out``:
 
 - ``cells/<pair>-<hash>-NNNNN.png``: the result, its parameters in PNG text chunks;
@@ -208,7 +208,7 @@ SPEC_KEYS = ("checkpoint", "config", "use_ema", "pairs", "resize_mask", "fixed",
 
 
 def read_spec(path: Path) -> dict[str, Any]:
-    """The YAML spec as a dict, its top-level keys checked (see ``configs/ablations/example.yaml``)."""
+    """The YAML spec as a dict, its top-level keys checked (see ``ldm_inpaint/configs/ablations/example.yaml``)."""
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as error:
@@ -796,7 +796,9 @@ def build_parser() -> argparse.ArgumentParser:
         "pair, one CSV/JSON row per cell. Re-running skips finished cells.",
         epilog=f"sweepable keys: {', '.join(SWEEPABLE)}. Values given here override the spec's.",
     )
-    parser.add_argument("--spec", type=Path, help="YAML study (see configs/ablations/example.yaml)")
+    parser.add_argument(
+        "--spec", type=Path, help="YAML study (see ldm_inpaint/configs/ablations/example.yaml)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="study folder (created; re-running resumes)")
     parser.add_argument(
         "--ckpt", type=Path, action="append", help="checkpoint; give it several times for a checkpoint axis"
