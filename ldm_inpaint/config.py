@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from omegaconf import OmegaConf
 
@@ -20,7 +21,11 @@ from ldm_inpaint.models.autoencoder import AutoencoderParams
 from ldm_inpaint.models.clip import TextEncoderParams
 from ldm_inpaint.models.unet import UNetParams
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+# The bundled YAML files, package data: read through importlib.resources so they resolve from a wheel too.
+CONFIG_DIR = resources.files(__package__) / "configs"
 
 
 @dataclass(frozen=True)
@@ -321,16 +326,36 @@ def parse_config(raw: Mapping[str, Any], name: str) -> ModelConfig:
     )
 
 
+def bundled_config_names() -> list[str]:
+    """The names :func:`load_config` accepts for the full-size configs bundled in ``ldm_inpaint/configs/``
+    (the tiny test configs resolve too, as ``tiny/<name>``)."""
+    return sorted(
+        entry.name.removesuffix(".yaml") for entry in CONFIG_DIR.iterdir() if entry.name.endswith(".yaml")
+    )
+
+
+def _find_config(path: Path) -> Path | Traversable:
+    """``path`` itself when it is a file, else the bundled config that a bare name such as
+    ``v1-inpainting-inference`` (or ``tiny/v1-inpainting-tiny``) means."""
+    if path.is_file():
+        return path
+    if not path.exists() and path.suffix == "":
+        bundled = CONFIG_DIR.joinpath(f"{path.as_posix()}.yaml")
+        if bundled.is_file():
+            return bundled
+    raise ConfigError(
+        f"config file not found: {path}; expected a YAML file or the name of a bundled config "
+        f"({', '.join(bundled_config_names())})"
+    )
+
+
 def load_config(path: str | Path) -> ModelConfig:
     """Read a YAML config in the original schema. A bare name such as ``v1-inpainting-inference`` means the
-    bundled file in ``configs/``."""
-    path = Path(path)
-    if not path.exists() and path.suffix == "" and (CONFIG_DIR / f"{path}.yaml").exists():
-        path = CONFIG_DIR / f"{path}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    bundled file in ``ldm_inpaint/configs/``."""
+    source = _find_config(Path(path))
     try:
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        with source.open("r", encoding="utf-8") as file:
+            raw = OmegaConf.to_container(OmegaConf.load(file), resolve=True)
     except Exception as error:  # omegaconf raises many types for malformed YAML
-        raise ConfigError(f"{path}: not a readable YAML config ({error})") from error
-    return parse_config(raw, name=path.stem)
+        raise ConfigError(f"{source}: not a readable YAML config ({error})") from error
+    return parse_config(raw, name=Path(source.name).stem)

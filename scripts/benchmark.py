@@ -53,8 +53,8 @@ from ldm_inpaint.devices import PRECISIONS as DTYPES
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {
-    "sd15": REPO / "configs" / "v1-inpainting-inference.yaml",
-    "sd2": REPO / "configs" / "v2-inpainting-inference.yaml",
+    "sd15": REPO / "ldm_inpaint" / "configs" / "v1-inpainting-inference.yaml",
+    "sd2": REPO / "ldm_inpaint" / "configs" / "v2-inpainting-inference.yaml",
 }
 IMPLEMENTATIONS = ("ours", "diffusers")
 # What each worker imports before its clock starts (import memory is measured apart from loading); diffusers

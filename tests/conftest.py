@@ -6,7 +6,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIGS = REPO / "configs"
+CONFIGS = REPO / "ldm_inpaint" / "configs"
 TINY_CONFIGS = {
     "v1": CONFIGS / "tiny" / "v1-inpainting-tiny.yaml",
     "v2": CONFIGS / "tiny" / "v2-inpainting-tiny.yaml",

@@ -1,11 +1,19 @@
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from ldm_inpaint.config import TEXT_ENCODER_PRESETS, load_config, parse_config
+from ldm_inpaint.checkpoint import BUNDLED_CONFIGS
+from ldm_inpaint.config import (
+    CONFIG_DIR,
+    TEXT_ENCODER_PRESETS,
+    bundled_config_names,
+    load_config,
+    parse_config,
+)
 from ldm_inpaint.errors import ConfigError
 
 from .conftest import CONFIGS, TINY_CONFIGS
@@ -45,8 +53,19 @@ def test_family_specific_fields():
     assert v2.text_encoder.layers == 24 and v2.text_encoder.activation == "gelu"
 
 
-def test_bare_name_resolves_to_bundled_config():
-    assert load_config("v1-inpainting-inference").name == "v1-inpainting-inference"
+def test_bundled_configs_resolve_by_name_through_package_resources(tmp_path: Path, monkeypatch):
+    """Bare names read the package data (what a wheel ships), whatever the working directory, and cover every
+    config that checkpoint detection can name."""
+    monkeypatch.chdir(tmp_path)
+    assert CONFIG_DIR == resources.files("ldm_inpaint") / "configs"
+    names = bundled_config_names()
+    assert set(BUNDLED_CONFIGS.values()) <= set(names)
+    assert names == sorted(path.stem for path in CONFIGS.glob("*.yaml"))
+    for name in names:
+        assert load_config(name) == load_config(CONFIGS / f"{name}.yaml")
+        assert load_config(name).name == name
+    for path in TINY_CONFIGS.values():
+        assert load_config(f"tiny/{path.stem}") == load_config(path)
 
 
 def test_tiny_configs_keep_the_structure():
@@ -119,6 +138,11 @@ def test_context_width_mismatch():
 def test_missing_and_malformed_files(tmp_path: Path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(
+        ConfigError,
+        match=r"config file not found: v3-inpainting-inference; .*\(v1-inference, v1-inpainting-inference, ",
+    ):
+        load_config("v3-inpainting-inference")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not a readable YAML config"):
