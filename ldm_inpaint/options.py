@@ -30,12 +30,10 @@ class OptionError(LdmInpaintError):
     """An option value that no run takes."""
 
 
-def _option(
-    default: object, help: str, *, flag: str | None = None, choices: tuple[str, ...] = (), sweep=True
-):
-    """A field with what the command line and the ablations show of it: help text, the flag (default
-    ``--name-with-dashes``), the allowed values, whether an ablation may sweep it."""
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "sweep": sweep})
+def _option(default: object, help: str, *, choices: tuple[str, ...] = (), sweep: bool = True) -> Any:
+    """A field with what the command line and the ablations show of it: help text, the allowed values,
+    whether an ablation may sweep it."""
+    return field(default=default, metadata={"help": help, "choices": choices, "sweep": sweep})
 
 
 @dataclass(frozen=True)

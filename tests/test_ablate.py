@@ -27,10 +27,10 @@ from ldm_inpaint.options import SWEEPABLE
 from ldm_inpaint.random_weights import random_checkpoint
 from ldm_inpaint.tools import cast_floats
 
-from .conftest import CONFIGS, FULL_CONFIGS, TINY_CONFIGS
+from .conftest import FULL_CONFIGS, REPO, TINY_CONFIGS
 
 SIZE = 64
-EXAMPLE = CONFIGS / "ablations" / "example.yaml"
+EXAMPLE = REPO / "examples" / "ablation.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """``ldm-inpaint ablate``: sweep inpainting options and checkpoints over image/mask pairs.
 
 A study (:mod:`~ldm_inpaint.ablation.study`) is checkpoints x pairs x the product of the swept values, with
-every other option fixed. It comes from a small YAML spec (``ldm_inpaint/configs/ablations/example.yaml``), from the
+every other option fixed. It comes from a small YAML spec (``examples/ablation.yaml``), from the
 command line, or both (the command line wins). Each cell is one inpainting run of one sample. Under ``--out``:
 
 - ``cells/<pair>-<hash>-NNNNN.png``: the result, its parameters in PNG text chunks;
@@ -44,9 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pair, one CSV/JSON row per cell. Re-running skips finished cells.",
         epilog=f"sweepable keys: {', '.join(SWEEPABLE)}. Values given here override the spec's.",
     )
-    parser.add_argument(
-        "--spec", type=Path, help="YAML study (see ldm_inpaint/configs/ablations/example.yaml)"
-    )
+    parser.add_argument("--spec", type=Path, help="YAML study (see examples/ablation.yaml)")
     parser.add_argument("--out", type=Path, required=True, help="study folder (created; re-running resumes)")
     parser.add_argument(
         "--ckpt", type=Path, action="append", help="checkpoint; give it several times for a checkpoint axis"

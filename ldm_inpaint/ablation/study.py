@@ -110,7 +110,7 @@ SPEC_KEYS = ("checkpoint", "config", "use_ema", "pairs", "resize_mask", "fixed",
 
 
 def read_spec(path: Path) -> dict[str, Any]:
-    """The YAML spec as a dict, its top-level keys checked (see ``ldm_inpaint/configs/ablations/example.yaml``)."""
+    """The YAML spec as a dict, its top-level keys checked (see ``examples/ablation.yaml``)."""
     try:
         spec = yaml.load(path.read_text(encoding="utf-8"), Loader=_SpecLoader)
     except (OSError, UnicodeDecodeError) as error:
