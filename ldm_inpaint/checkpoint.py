@@ -1,7 +1,6 @@
-"""Reading the original checkpoint files and loading them, strictly, into our modules.
+"""Loading the original checkpoint files, strictly, into our modules.
 
-A file is read without running any code from it (``torch.load(weights_only=True, mmap=True)`` or safetensors),
-its entries are sorted into (a) weights for the model, (b) entries we skip on purpose — each kind named in
+A file is read without running any code from it (:mod:`~ldm_inpaint.checkpoint_files`), its entries are sorted into (a) weights for the model, (b) entries we skip on purpose — each kind named in
 :data:`KNOWN_EXTRAS` and counted — and (c) anything else, which is an error. UNet and VAE keys are our module
 names as they are; only the SD1 text encoder goes through one explicit table (``models.clip``).
 """
@@ -9,21 +8,17 @@ names as they are; only the SD1 text encoder goes through one explicit table (``
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import itertools
 import os
-import pickle
 import sys
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor
 
+from ldm_inpaint.checkpoint_files import read_checkpoint
 from ldm_inpaint.config import ModelConfig, load_config
 from ldm_inpaint.errors import CheckpointError
 from ldm_inpaint.models.clip import openai_to_openclip, openclip_to_openai
@@ -71,8 +66,6 @@ LIGHTNING_ENTRIES = (
     "NativeMixedPrecisionPlugin",
     "MixedPrecisionPlugin",
 )
-# Pickled Lightning objects (callback states) are rebuilt as inert stand-ins: no code of theirs runs.
-_INERT_GLOBAL_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
 
 BUNDLED_CONFIGS = {
     ("inpainting", 768): "v1-inpainting-inference",
@@ -80,80 +73,6 @@ BUNDLED_CONFIGS = {
     ("text-to-image", 768): "v1-inference",
     ("text-to-image", 1024): "v2-inference",
 }
-
-
-class _InertObject:
-    """Stand-in for a pickled training-state object: accepts any state, does nothing."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        pass
-
-    def __setstate__(self, state: object) -> None:
-        pass
-
-
-def _inert_class(qualified_name: str) -> type:
-    module, _, name = qualified_name.rpartition(".")
-    return type(name, (_InertObject,), {"__module__": module, "__qualname__": name})
-
-
-def _torch_load(path: Path) -> object:
-    """``torch.load`` restricted to tensors and plain containers (plus inert Lightning stand-ins)."""
-    try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})") from error
-    refused = [name for name in unsafe if not name.startswith(_INERT_GLOBAL_PREFIXES)]
-    if refused:
-        raise CheckpointError(
-            f"{path}: refused to load: the pickle names code objects {refused[:5]}; a checkpoint should hold "
-            "only tensors and plain containers (nothing from this file was executed)"
-        )
-    stand_ins = [_inert_class(name) for name in unsafe]
-    try:
-        with torch.serialization.safe_globals(stand_ins):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})") from error
-
-
-def sha256_file(path: str | Path, chunk_size: int = 1 << 24) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
-def read_checkpoint(path: str | Path) -> dict[str, object]:
-    """All top-level entries of a ``.ckpt``/``.pt``/``.pth`` or ``.safetensors`` file, the ``state_dict``
-    wrapper of Lightning checkpoints unwrapped (its sibling entries are returned under their own names)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        try:
-            return dict(load_file(path))
-        except (SafetensorError, OSError, ValueError) as error:
-            raise CheckpointError(
-                f"{path}: not a readable safetensors file ({_first_line(error)})"
-            ) from error
-    loaded = _torch_load(path)
-    if not isinstance(loaded, Mapping):
-        raise CheckpointError(f"{path}: expected a dict of tensors, found a {type(loaded).__name__}")
-    if "state_dict" in loaded:
-        inner = loaded["state_dict"]
-        if not isinstance(inner, Mapping):
-            raise CheckpointError(f"{path}: 'state_dict' entry is a {type(inner).__name__}, expected a dict")
-        outer = {key: value for key, value in loaded.items() if key != "state_dict"}
-        return {**outer, **inner}
-    return dict(loaded)
 
 
 @dataclass
@@ -242,8 +161,26 @@ def _describe(keys: list[str], what: str) -> str:
     return f"{len(keys)} {what} ({preview_keys(keys)})"
 
 
+def _not_weights(weights: Mapping[str, Tensor]) -> list[str]:
+    """Tensors that cannot be weights: not floating point (int64, complex64, bool), not dense (sparse), or
+    without data (the meta device)."""
+    return [
+        f"{key} ({str(value.dtype).removeprefix('torch.')}, {str(value.layout).removeprefix('torch.')}, "
+        f"{value.device.type})"
+        for key, value in weights.items()
+        if value.layout != torch.strided or value.device.type == "meta" or not value.is_floating_point()
+    ]
+
+
 def check_weights(model: torch.nn.Module, weights: Mapping[str, Tensor], config: ModelConfig) -> None:
-    """Every parameter present with its shape and nothing else; otherwise one error naming the first keys."""
+    """Every parameter present with its shape, as dense floating-point data, and nothing else; otherwise one
+    error naming the first keys."""
+    bad = _not_weights(weights)
+    if bad:
+        raise CheckpointError(
+            f"expected dense floating-point weights on a real device, found {_describe(bad, 'other tensors')}: "
+            "the file is damaged or not a model checkpoint"
+        )
     expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
     missing = [key for key in expected if key not in weights]
     unexpected = [key for key in weights if key not in expected]

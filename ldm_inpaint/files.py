@@ -9,6 +9,7 @@ temporary files of killed processes are removed by :func:`remove_stale_partials`
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -20,6 +21,15 @@ from typing import BinaryIO
 from ldm_inpaint.errors import LdmInpaintError
 
 _PARTIAL = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.partial")
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 24) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def partial_path(path: Path) -> Path:

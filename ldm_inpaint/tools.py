@@ -38,17 +38,16 @@ from ldm_inpaint.checkpoint import (
     check_schedule,
     check_weights,
     preview_keys,
-    read_checkpoint,
     resolve_config,
-    sha256_file,
     sort_entries,
     to_file_layout,
 )
+from ldm_inpaint.checkpoint_files import read_checkpoint
 from ldm_inpaint.command import Parser
 from ldm_inpaint.config import ModelConfig
 from ldm_inpaint.devices import PRECISIONS
 from ldm_inpaint.errors import CheckpointError, LdmInpaintError
-from ldm_inpaint.files import partial_path, remove_stale_partials
+from ldm_inpaint.files import partial_path, remove_stale_partials, sha256_file
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 
 OUTPUT_SUFFIXES = (".ckpt", ".safetensors")

@@ -11,17 +11,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm_inpaint.checkpoint import (
-    SD1_TEXT_PREFIX,
-    detect_config,
-    ema_key,
-    load_model,
-    read_checkpoint,
-    sha256_file,
-)
+from ldm_inpaint.checkpoint import SD1_TEXT_PREFIX, detect_config, ema_key, load_model
+from ldm_inpaint.checkpoint_files import read_checkpoint
 from ldm_inpaint.cli import main
 from ldm_inpaint.config import load_config
 from ldm_inpaint.errors import CheckpointError
+from ldm_inpaint.files import sha256_file
 from ldm_inpaint.random_weights import random_checkpoint
 
 from .conftest import TINY_CONFIGS

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_inpaint.checkpoint import sha256_file
 from ldm_inpaint.cli import main
 from ldm_inpaint.config import load_config
+from ldm_inpaint.files import sha256_file
 from ldm_inpaint.image_io import read_png_metadata
 from ldm_inpaint.random_weights import random_checkpoint
 

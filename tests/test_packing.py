@@ -21,7 +21,8 @@ import pytest
 import torch
 from torch import nn
 
-from ldm_inpaint.checkpoint import build_model, load_model, read_checkpoint, release_file_pages
+from ldm_inpaint.checkpoint import build_model, load_model, release_file_pages
+from ldm_inpaint.checkpoint_files import read_checkpoint
 from ldm_inpaint.compile import compile_unet
 from ldm_inpaint.config import load_config
 from ldm_inpaint.errors import LdmInpaintError

@@ -19,13 +19,13 @@ from ldm_inpaint.checkpoint import (
     SD1_TEXT_PREFIX,
     ema_key,
     load_model,
-    read_checkpoint,
-    sha256_file,
     to_file_layout,
 )
+from ldm_inpaint.checkpoint_files import read_checkpoint
 from ldm_inpaint.cli import main
 from ldm_inpaint.config import ModelConfig, load_config
 from ldm_inpaint.errors import LdmInpaintError
+from ldm_inpaint.files import sha256_file
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 from ldm_inpaint.random_weights import random_checkpoint
 from ldm_inpaint.tools import write_checkpoint

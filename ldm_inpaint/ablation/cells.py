@@ -13,9 +13,8 @@ import yaml
 
 from ldm_inpaint import options
 from ldm_inpaint.ablation.study import CHECKPOINT, CheckpointRef, Pair, Study
-from ldm_inpaint.checkpoint import sha256_file
 from ldm_inpaint.config import load_config
-from ldm_inpaint.files import write_new_text
+from ldm_inpaint.files import sha256_file, write_new_text
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ import yaml
 from torch import Tensor
 
 from ldm_inpaint import image_io, options
-from ldm_inpaint.checkpoint import sha256_file
 from ldm_inpaint.config import load_config
 from ldm_inpaint.errors import LdmInpaintError
+from ldm_inpaint.files import sha256_file
 from ldm_inpaint.options import InpaintOptions, OptionError
 
 CHECKPOINT = "checkpoint"
