@@ -1,4 +1,5 @@
-"""Process-wide settings that the command-line tools apply at start-up (never the library on import).
+"""Memory work with the operating system: the allocator settings that the command-line tools apply at start-up
+(never the library on import), and giving back the pages of memory-mapped weights once they are copied.
 
 glibc's allocator serves every block above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and
 unmaps it on free. A UNet step on CPU allocates tens of such activations (a GEGLU projection at 512x512 is
@@ -19,9 +20,14 @@ both runs), at the cost of the page faults (about 10 % of a 512 px float32 call 
 from __future__ import annotations
 
 import ctypes
+import functools
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+
+from torch import Tensor
 
 # mallopt() parameters, <malloc.h>
 _M_TRIM_THRESHOLD = -1
@@ -29,16 +35,21 @@ _M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 _GLIBC_MMAP_MAX = 65536  # glibc's default count of separately mapped blocks
 _LARGEST_MMAP_THRESHOLD = 32 * 2**20  # glibc refuses a higher one on 64-bit systems
+_MADV_DONTNEED = 4  # <sys/mman.h>
 
 _lean = False
 _depth = 0  # fresh_large_blocks() blocks open now (only the outermost one switches)
 
 
+@functools.cache
+def _c_library() -> ctypes.CDLL | None:
+    """This process's C library, one handle for every call (errno readable after each); None off Linux."""
+    return ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
 def _libc() -> ctypes.CDLL | None:
     """The C library if it has glibc's ``mallopt`` and ``malloc_trim``, else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None)
+    libc = _c_library()
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
@@ -76,3 +87,42 @@ def fresh_large_blocks() -> Iterator[None]:
         _depth -= 1
         if libc is not None:
             libc.mallopt(_M_MMAP_MAX, 0)
+
+
+def release_file_pages(tensor: Tensor, path: str | Path) -> int:
+    """Give back the resident memory of ``tensor`` if it is memory-mapped from the file ``path``; returns the
+    number of bytes released (0 when it is not, and on systems other than Linux).
+
+    ``.ckpt`` files are mapped privately (``torch.load(mmap=True)``): their weights are the file's pages, read
+    on first touch and counted in the process's resident memory until the whole file is unmapped. Once a
+    weight has been copied (cast to another dtype, moved, packed for oneDNN) and its source is not used any
+    more, ``madvise(MADV_DONTNEED)`` drops the whole pages it spans inside the mapping of ``path`` (the
+    kernel would read them from the file again if they were touched). Call it only for tensors that nothing
+    writes to and nothing will read again.
+    """
+    libc = _c_library()
+    if libc is None or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return 0
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    target = os.path.realpath(path)
+    page = os.sysconf("SC_PAGE_SIZE")
+    released = 0
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) < 6 or fields[1][3] != "p" or fields[5].strip() != target:
+                continue
+            low, high = (int(bound, 16) for bound in fields[0].split("-"))
+            first = -(-max(start, low) // page) * page
+            last = min(end, high) // page * page
+            if first < last:
+                _madvise(libc, first, last - first)
+                released += last - first
+    return released
+
+
+def _madvise(libc: ctypes.CDLL, address: int, length: int) -> None:
+    if libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), _MADV_DONTNEED) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"madvise(MADV_DONTNEED) of {length} bytes failed: {os.strerror(errno)}")

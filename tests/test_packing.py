@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from ldm_inpaint.checkpoint import build_model, load_model, read_checkpoint, release_file_pages
+from ldm_inpaint.checkpoint import build_model, load_model, read_checkpoint
 from ldm_inpaint.config import load_config
 from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.models.autoencoder import AutoencoderKL
@@ -29,6 +29,7 @@ from ldm_inpaint.models.packing import PackedConv2d, pack_convolutions, unpack_c
 from ldm_inpaint.models.unet import UNetModel
 from ldm_inpaint.pipeline import InpaintPipeline, compile_unet
 from ldm_inpaint.random_weights import random_checkpoint
+from ldm_inpaint.runtime import release_file_pages
 
 from .conftest import FULL_CONFIGS, TINY_CONFIGS
 from .parity import assert_parity

@@ -164,7 +164,7 @@ def pack_convolutions(model: nn.Module, release: Callable[[Tensor], object] | No
     """Replace every ``nn.Conv2d`` of ``model`` (on CPU, float32 or bfloat16) by a :class:`PackedConv2d` in
     place. Each one packs its weight on its first call and then drops the plain weight, handing it to
     ``release`` (e.g. to give back the file pages of a memory-mapped checkpoint,
-    :func:`ldm_inpaint.checkpoint.release_file_pages`). Returns how many were replaced."""
+    :func:`ldm_inpaint.runtime.release_file_pages`). Returns how many were replaced."""
     for conv in model.modules():
         if isinstance(conv, nn.Conv2d) and not can_pack(conv.weight.device, conv.weight.dtype):
             raise LdmInpaintError(
