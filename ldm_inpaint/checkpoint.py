@@ -370,7 +370,8 @@ def build_model(
 
     ``source``: the file the entries were memory-mapped from, if any; weights cast to another dtype or moved
     to another device then give back their file pages one at a time (:func:`release_file_pages`), so the
-    peak is the new copy plus one tensor, not both copies."""
+    peak is the new copy plus one tensor, not both copies; so do the SD1 text encoder's entries that were
+    copied (:func:`copied_text_entries`)."""
     sorted_ = sort_entries(entries)
     if sorted_.unknown:
         raise CheckpointError(_describe(sorted_.unknown, "unexpected entries"))
@@ -381,9 +382,23 @@ def build_model(
     model = check_fit(weights, entries, config)
     model.load_state_dict(weights, strict=True, assign=True)
     release = (lambda tensor: release_file_pages(tensor, source)) if source is not None else None
+    if release is not None:
+        for tensor in copied_text_entries(entries, weights):
+            release(tensor)
     _cast(model, torch.device(device), dtype, release)
     model.eval().requires_grad_(False)
     return LoadedModel(model=model, config=config, skipped=sorted_.skipped, detected=detected)
+
+
+def copied_text_entries(entries: Mapping[str, object], weights: Mapping[str, Tensor]) -> list[Tensor]:
+    """The SD1 text encoder's file tensors that the model does not hold: its separate q, k and v projections,
+    read once to build our merged ``in_proj`` (a copy), and the skipped position ids."""
+    held = {id(tensor) for tensor in weights.values()}
+    return [
+        value
+        for key, value in entries.items()
+        if key.startswith(SD1_TEXT_PREFIX) and isinstance(value, Tensor) and id(value) not in held
+    ]
 
 
 def _cast(

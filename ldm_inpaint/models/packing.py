@@ -76,8 +76,8 @@ class PackedConv2d(nn.Module):
     def _pack(self, input_shape: tuple[int, ...]) -> None:
         """(out, in, kh, kw) plain -> oneDNN's opaque blocked layout for ``input_shape`` (same values)."""
         plain = self.plain_weight()
-        # In the lean allocator mode, if chosen, the weight-sized temporaries leave no holes in the heap.
-        with fresh_large_blocks():
+        # Under the allocator setting of the command-line tools, the weight-sized temporaries leave no holes.
+        with fresh_large_blocks(one_off=True):
             self.packed_weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
                 plain.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, list(input_shape)
             )
