@@ -140,7 +140,7 @@ def diffusers_pipeline(config_path: Path, checkpoint: dict[str, torch.Tensor]) -
 
 
 def prepare_worker(job: PrepareJob) -> dict[str, Any]:
-    """Write the ``.ckpt`` and the diffusers folder if missing (each under a temporary name, then renamed, so an
+    """Write the ``.ckpt`` and (if the job asks for it) the diffusers folder if missing (each under a temporary name, then renamed, so an
     interrupted run leaves no half-written cache); their sizes in bytes."""
     from ldm_inpaint.config import load_config
     from ldm_inpaint.random_weights import random_checkpoint
@@ -150,7 +150,7 @@ def prepare_worker(job: PrepareJob) -> dict[str, Any]:
         partial = checkpoint_path.with_name(checkpoint_path.name + ".partial")
         torch.save(random_checkpoint(load_config(job.config), job.seed), partial)
         partial.rename(checkpoint_path)
-    if not (diffusers_dir / "model_index.json").exists():
+    if job.with_diffusers and not (diffusers_dir / "model_index.json").exists():
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
         partial = diffusers_dir.with_name(diffusers_dir.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
@@ -161,7 +161,7 @@ def prepare_worker(job: PrepareJob) -> dict[str, Any]:
 
 
 def file_sizes(job: PrepareJob) -> dict[str, int]:
-    """Bytes of the ``.ckpt`` and of the weight files in the diffusers folder."""
+    """Bytes of the ``.ckpt`` and of the weight files in the diffusers folder (0 when it is not written)."""
     weights = Path(job.diffusers_dir).rglob("*.safetensors")
     return {
         "checkpoint_bytes": Path(job.checkpoint).stat().st_size,

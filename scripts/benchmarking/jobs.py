@@ -17,12 +17,19 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmark.py"
 
 @dataclass(frozen=True)
 class PrepareJob:
-    """Write the random checkpoint and its diffusers folder for one config, unless already there."""
+    """Write the random checkpoint and (``with_diffusers``) its diffusers folder for one config, unless already
+    there."""
 
     config: str
     seed: int
     checkpoint: str
     diffusers_dir: str
+    with_diffusers: bool = True
+
+    def done(self) -> bool:
+        """Whether every file it writes is there."""
+        diffusers_done = (Path(self.diffusers_dir) / "model_index.json").exists()
+        return Path(self.checkpoint).exists() and (diffusers_done or not self.with_diffusers)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import platform
 import shlex
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +80,14 @@ def cache_job(name: str, config_path: Path, workdir: Path, seed: int) -> Prepare
 
 
 def prepare(name: str, config_path: Path, settings: Settings) -> dict[str, Any]:
-    """The model's files and their sizes, written by a worker process if missing."""
-    job = cache_job(name, config_path, settings.workdir, settings.seed)
-    if Path(job.checkpoint).exists() and (Path(job.diffusers_dir) / "model_index.json").exists():
+    """The model's files and their sizes, written by a worker process if missing (``--load-memory``: the
+    ``.ckpt`` alone)."""
+    job = replace(
+        cache_job(name, config_path, settings.workdir, settings.seed), with_diffusers=not settings.load_memory
+    )
+    if job.done():
         return {**asdict(job), **file_sizes(job)}
-    log(f"[prepare] {name}: writing the random checkpoint and its diffusers folder to {settings.workdir}")
+    log(f"[prepare] {name}: writing the random checkpoint (and any diffusers folder) to {settings.workdir}")
     return {**asdict(job), **spawn("prepare", job, settings.threads, settings.timeout)}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,10 @@ class BenchmarkError(ValueError):
     """Bad command-line input: the message says what was expected and what was found."""
 
 
+@dataclass(frozen=True)
 class Settings:
+    """The command line, checked."""
+
     models: dict[str, Path]
     sizes: list[int]
     precisions: list[str]
