@@ -6,11 +6,10 @@
 
 1. **Files, once** (``--workdir``, reused when present): for each model a random checkpoint of the real layout
    (``random_weights.random_checkpoint``) saved as ``.ckpt``, the file users load; the same weights converted
-   by diffusers' own original-checkpoint code (the conversion the parity tests use as their oracle too,
-   ``benchmarking/diffusers_files.py``),
-   with a transformers ``CLIPTextModel`` (SD2: the 23-block tower diffusers runs for OpenCLIP's penultimate
-   layer) and a ``CLIPTokenizer`` built from open_clip's bundled BPE, saved with ``save_pretrained``: diffusers
-   loads it by its normal ``from_pretrained(folder)``.
+   by diffusers' own original-checkpoint code (``benchmarking/diffusers_files.py``, the parity tests' oracle
+   too), with a transformers ``CLIPTextModel`` (SD2: the 23-block tower diffusers runs for OpenCLIP's
+   penultimate layer) and a ``CLIPTokenizer`` built from open_clip's bundled BPE, saved with
+   ``save_pretrained``: diffusers loads it by its normal ``from_pretrained(folder)``.
 2. **Runs**: every (implementation, repetition) is a fresh interpreter (``--worker``), so load time and peak
    memory are its own; the order alternates (ours first, then diffusers first, ...). Both get the same image,
    mask, prompts, start latent, DDIM (the original's "uniform" grid: diffusers' leading spacing with

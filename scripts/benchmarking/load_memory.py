@@ -32,7 +32,7 @@ def cli_command(checkpoint: str, config: str, precision: str, device: str, folde
     mask.save(folder / "mask.png")
     return [
         *(sys.executable, "-m", "ldm_inpaint.cli", "--ckpt", checkpoint, "--config", config),
-        *("--image", str(folder / "image.png"), "--mask", str(folder / "mask.png"), "--out", str(folder)),
+        *("--image", str(folder / "image.png"), "--mask", str(folder / "mask.png"), "--outdir", str(folder)),
         *("--steps", "1", "--height", str(SIZE), "--width", str(SIZE)),
         *("--precision", precision, "--device", device),
     ]
