@@ -7,10 +7,7 @@ names as they are; only the SD1 text encoder goes through one explicit table (``
 
 from __future__ import annotations
 
-import ctypes
 import itertools
-import os
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +21,7 @@ from ldm_inpaint.errors import CheckpointError
 from ldm_inpaint.models.clip import openai_to_openclip, openclip_to_openai
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 from ldm_inpaint.models.packing import pack_convolutions
+from ldm_inpaint.runtime import release_file_pages
 from ldm_inpaint.schedule import alphas_cumprod
 
 SCHEDULE_KEYS = (
@@ -309,7 +307,8 @@ def build_model(
 
     ``source``: the file the entries were memory-mapped from, if any; weights cast to another dtype or moved
     to another device then give back their file pages one at a time (:func:`release_file_pages`), so the
-    peak is the new copy plus one tensor, not both copies."""
+    peak is the new copy plus one tensor, not both copies; so do the SD1 text encoder's entries that were
+    copied (:func:`copied_text_entries`)."""
     sorted_ = sort_entries(entries)
     if sorted_.unknown:
         raise CheckpointError(_describe(sorted_.unknown, "unexpected entries"))
@@ -320,9 +319,23 @@ def build_model(
     model = check_fit(weights, entries, config)
     model.load_state_dict(weights, strict=True, assign=True)
     release = (lambda tensor: release_file_pages(tensor, source)) if source is not None else None
+    if release is not None:
+        for tensor in copied_text_entries(entries, weights):
+            release(tensor)
     _cast(model, torch.device(device), dtype, release)
     model.eval().requires_grad_(False)
     return LoadedModel(model=model, config=config, skipped=sorted_.skipped, detected=detected)
+
+
+def copied_text_entries(entries: Mapping[str, object], weights: Mapping[str, Tensor]) -> list[Tensor]:
+    """The SD1 text encoder's file tensors that the model does not hold: its separate q, k and v projections,
+    read once to build our merged ``in_proj`` (a copy), and the skipped position ids."""
+    held = {id(tensor) for tensor in weights.values()}
+    return [
+        value
+        for key, value in entries.items()
+        if key.startswith(SD1_TEXT_PREFIX) and isinstance(value, Tensor) and id(value) not in held
+    ]
 
 
 def _cast(
@@ -341,44 +354,3 @@ def _cast(
             tensor.data = moved
             if release is not None:
                 release(source)
-
-
-_MADV_DONTNEED = 4
-
-
-def release_file_pages(tensor: Tensor, path: str | Path) -> int:
-    """Give back the resident memory of ``tensor`` if it is memory-mapped from the file ``path``; returns the
-    number of bytes released (0 when it is not, and on systems other than Linux).
-
-    ``.ckpt`` files are mapped privately (``torch.load(mmap=True)``): their weights are the file's pages, read
-    on first touch and counted in the process's resident memory until the whole file is unmapped. Once a
-    weight has been copied (cast to another dtype, moved, packed for oneDNN) and its source is not used any
-    more, ``madvise(MADV_DONTNEED)`` drops the whole pages it spans inside the mapping of ``path`` (the
-    kernel would read them from the file again if they were touched). Call it only for tensors that nothing
-    writes to and nothing will read again.
-    """
-    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or tensor.numel() == 0:
-        return 0
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    target = os.path.realpath(path)
-    page = os.sysconf("SC_PAGE_SIZE")
-    released = 0
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            if len(fields) < 6 or fields[1][3] != "p" or fields[5].strip() != target:
-                continue
-            low, high = (int(bound, 16) for bound in fields[0].split("-"))
-            first = -(-max(start, low) // page) * page
-            last = min(end, high) // page * page
-            if first < last:
-                _madvise(first, last - first)
-                released += last - first
-    return released
-
-
-def _madvise(address: int, length: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), _MADV_DONTNEED) != 0:
-        raise OSError(ctypes.get_errno(), f"madvise(MADV_DONTNEED) failed: {os.strerror(ctypes.get_errno())}")

@@ -1,68 +1,33 @@
 """Independent reference implementations, fed the same random weights in the original checkpoint layout.
 
 - UNet and VAE: diffusers' models, converted by diffusers' own original-checkpoint code
-  (``diffusers.loaders.single_file_utils``) and loaded strictly;
+  (``diffusers.loaders.single_file_utils``) and loaded strictly (``scripts/benchmarking/diffusers_files.py``);
 - SD1 text encoder: transformers' ``CLIPTextModel``; SD2: open_clip's text tower run the way the original
   ``FrozenOpenCLIPEmbedder`` runs it (penultimate block, then ``ln_final``).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import (
-    convert_ldm_unet_checkpoint,
-    convert_ldm_vae_checkpoint,
-    create_unet_diffusers_config_from_ldm,
-    create_vae_diffusers_config_from_ldm,
-)
-from omegaconf import OmegaConf
 from open_clip.model import _build_text_tower
 from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm_inpaint.models.clip import TextEncoderParams
+from scripts.benchmarking.diffusers_files import ORIGINAL_DDIM, diffusers_unet, diffusers_vae, original_yaml
 
-# The original DDIM in diffusers' terms (REFERENCE.md); the two agree only for step counts that divide 1000.
-ORIGINAL_DDIM = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    set_alpha_to_one=False,
-    steps_offset=1,
-    timestep_spacing="leading",
-    prediction_type="epsilon",
-)
-
-
-def original_yaml(path: Path, in_channels: int | None = None) -> dict[str, Any]:
-    """A config file as the original code reads it (optionally with another UNet input width)."""
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    if in_channels is not None:
-        raw["model"]["params"]["unet_config"]["params"]["in_channels"] = in_channels
-    return raw
-
-
-def diffusers_unet(raw_config: dict[str, Any], checkpoint: dict[str, Tensor]) -> UNet2DConditionModel:
-    """diffusers' UNet built and converted from the original config and checkpoint, loaded strictly."""
-    config = create_unet_diffusers_config_from_ldm(raw_config, checkpoint)
-    converted = convert_ldm_unet_checkpoint(checkpoint, config)
-    with torch.device("meta"):
-        model = UNet2DConditionModel(**config)
-    model.load_state_dict(converted, strict=True, assign=True)
-    return model.eval()
-
-
-def diffusers_vae(raw_config: dict[str, Any], checkpoint: dict[str, Tensor]) -> AutoencoderKL:
-    """diffusers' AutoencoderKL built and converted from the original config and checkpoint, loaded strictly."""
-    config = create_vae_diffusers_config_from_ldm(raw_config, checkpoint)
-    model = AutoencoderKL(**config)
-    model.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, config), strict=True)
-    return model.eval()
+# The UNet and VAE oracles (diffusers' conversion) live with the benchmark, which writes diffusers' side with them.
+__all__ = [
+    "ORIGINAL_DDIM",
+    "diffusers_unet",
+    "diffusers_vae",
+    "openclip_context",
+    "openclip_tower",
+    "original_yaml",
+    "tiny_text_cfg",
+    "transformers_clip",
+]
 
 
 def transformers_clip(params: TextEncoderParams, openai_weights: dict[str, Tensor]) -> CLIPTextModel:

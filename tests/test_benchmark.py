@@ -3,10 +3,8 @@ ours, one end-to-end run writes a complete report, failures are reported, bad in
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,20 +14,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldm_inpaint.pipeline import InpaintPipeline
+from scripts.benchmarking import main as benchmark
+from scripts.benchmarking.diffusers_files import prepare_worker
+from scripts.benchmarking.report import write_report
+from scripts.benchmarking.settings import NEGATIVE_PROMPT, PROMPT
 
-from .conftest import CONFIGS, REPO, TINY_CONFIGS
+from .conftest import CONFIGS, TINY_CONFIGS
 from .parity import assert_parity
 
-
-def _load_script() -> object:
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-benchmark = _load_script()
 SMOKE_MODEL = TINY_CONFIGS["v2"]
 SMOKE_ARGS = ["--sizes", "64", "--steps", "2", "--reps", "1", "--precision", "fp32", "--threads", "1"]
 
@@ -43,7 +35,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Both tiny models' .ckpt and diffusers folders, written by the prepare worker's function in-process."""
     folder = tmp_path_factory.mktemp("benchmark-work")
     for config in TINY_CONFIGS.values():
-        benchmark.prepare_worker(files_of(config, folder))
+        prepare_worker(files_of(config, folder))
     return folder
 
 
@@ -62,7 +54,7 @@ def test_diffusers_text_path_matches_ours(workdir: Path, version: str) -> None:
     files = files_of(TINY_CONFIGS[version], workdir)
     theirs = StableDiffusionInpaintPipeline.from_pretrained(files.diffusers_dir)
     ours = InpaintPipeline.from_checkpoint(files.checkpoint, TINY_CONFIGS[version])
-    prompt, negative = benchmark.PROMPT, benchmark.NEGATIVE_PROMPT
+    prompt, negative = PROMPT, NEGATIVE_PROMPT
     with torch.no_grad():
         context, uncond_context = theirs.encode_prompt(prompt, "cpu", 1, True, negative)
     expected = ours.encode_prompts([prompt, negative])
@@ -109,8 +101,14 @@ def test_end_to_end_report(smoke: tuple[int, Path]) -> None:
     assert all(math.isfinite(ratio) and ratio > 0 for ratio in row["ratio"].values())
     assert report["matmul"]["fp32"]["gflops"] > 0 and report["machine"]["threads"] == 1
 
+    [memory] = report["load_memory"]
+    assert (memory["model"], memory["precision"]) == ("v2-inpainting-tiny", "fp32")
+    assert memory["peak_rss_bytes"] > memory["file_bytes"] == row["ours"]["file_bytes"]
+    assert memory["ratio"] == memory["peak_rss_bytes"] / memory["file_bytes"]
+
     table = (out / "benchmark-001.md").read_text()
     assert "| s/step ours | s/step diffusers | step ratio |" in table
+    assert "| v2-inpainting-tiny | fp32 |" in table and "`ldm-inpaint --ckpt " in table
     [line] = [line for line in table.splitlines() if line.startswith("| v2-inpainting-tiny | 64 | fp32 |")]
     assert "—" not in line
     assert "scripts/benchmark.py --models" in table
@@ -120,7 +118,7 @@ def test_reports_are_never_overwritten(smoke: tuple[int, Path]) -> None:
     _, out = smoke
     first = (out / "benchmark-001.json").read_text()
     report = json.loads(first)
-    paths = [benchmark.write_report(report, out) for _ in range(2)]
+    paths = [write_report(report, out) for _ in range(2)]
     assert [json_path.name for json_path, _ in paths] == ["benchmark-002.json", "benchmark-003.json"]
     assert (out / "benchmark-001.json").read_text() == first
 
@@ -133,8 +131,23 @@ def test_failed_workers_are_reported_not_raised(
     assert status == 1
     report = json.loads((tmp_path / "benchmark-001.json").read_text())
     assert all("timed out after 0.01 s" in run["error"] for run in report["runs"])
+    assert all("timed out after 0.01 s" in row["error"] for row in report["load_memory"])
     assert "Failed runs:" in (tmp_path / "benchmark-001.md").read_text()
     assert "| v2-inpainting-tiny | 64 | fp32 | — | — |" in capsys.readouterr().out
+
+
+def test_load_memory_mode_measures_only_the_load(workdir: Path, tmp_path: Path) -> None:
+    models = ",".join(str(config) for config in TINY_CONFIGS.values())
+    argv = ["--models", models, "--precision", "fp32", "--threads", "1", "--load-memory"]
+    assert benchmark.main([*argv, "--workdir", str(workdir), "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "benchmark-001.json").read_text())
+    assert report["runs"] == [] and report["summary"] == []
+    assert [row["model"] for row in report["load_memory"]] == [
+        config.stem for config in TINY_CONFIGS.values()
+    ]
+    assert all(row["ratio"] > 0 for row in report["load_memory"])
+    table = (tmp_path / "benchmark-001.md").read_text()
+    assert table.startswith("Load memory:") and "s/step" not in table and "--load-memory" in table
 
 
 @pytest.mark.parametrize(

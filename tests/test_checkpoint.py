@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -11,7 +12,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm_inpaint.checkpoint import SD1_TEXT_PREFIX, detect_config, ema_key, load_model
+from ldm_inpaint.checkpoint import (
+    SD1_TEXT_PREFIX,
+    copied_text_entries,
+    detect_config,
+    ema_key,
+    load_model,
+    sort_entries,
+)
 from ldm_inpaint.checkpoint_files import read_checkpoint
 from ldm_inpaint.cli import main
 from ldm_inpaint.config import load_config
@@ -274,3 +282,41 @@ def test_text_to_image_checkpoints_load_too(family: str, tmp_path: Path) -> None
     assert loaded.model.model.diffusion_model.input_blocks[0][0].weight.shape[1] == 4
     with pytest.raises(CheckpointError, match="mis-shaped \\(model.diffusion_model.input_blocks.0.0.weight"):
         load_model(path, inpainting)
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_copied_text_entries_are_sd1_projections_merged_into_in_proj(family: str) -> None:
+    """What loading gives back the file pages of: SD1's separate q, k, v projections (weight and bias per
+    layer), which the model holds merged; SD2's file holds in_proj as it is."""
+    config = load_config(TINY_CONFIGS[family])
+    entries = random_checkpoint(config, seed=1)
+    copied = copied_text_entries(entries, sort_entries(entries).weights)
+    expected = [
+        value
+        for key, value in entries.items()
+        if key.startswith(SD1_TEXT_PREFIX) and key.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj")
+    ]
+    assert len(copied) == (6 * config.text_encoder.layers if family == "v1" else 0)
+    assert [id(tensor) for tensor in copied] == [id(tensor) for tensor in expected]
+
+
+LEAN_IMPORTS = """
+import sys
+from ldm_inpaint.checkpoint import build_model
+from ldm_inpaint.config import load_config
+from ldm_inpaint.random_weights import random_checkpoint
+from ldm_inpaint.tokenizer import tokenize
+
+config = load_config(sys.argv[1])
+build_model(random_checkpoint(config), config)
+tokenize(["a cat"], pad_token=0)
+print(" ".join(name for name in ("open_clip", "torchvision", "torch._dynamo") if name in sys.modules))
+"""
+
+
+def test_loading_and_tokenizing_import_neither_open_clip_nor_dynamo() -> None:
+    """In a fresh interpreter: open_clip's package (its model zoo and torchvision, 0.27 GiB resident) and
+    torch._dynamo (0.17 GiB, imported by nn.Embedding's init on the meta device) stay out of a load."""
+    command = [sys.executable, "-c", LEAN_IMPORTS, str(TINY_CONFIGS["v1"])]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ""

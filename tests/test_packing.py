@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from ldm_inpaint.checkpoint import build_model, load_model, release_file_pages
+from ldm_inpaint.checkpoint import build_model, load_model
 from ldm_inpaint.checkpoint_files import read_checkpoint
 from ldm_inpaint.compile import compile_unet
 from ldm_inpaint.config import load_config
@@ -31,6 +31,7 @@ from ldm_inpaint.models.packing import PackedConv2d, pack_convolutions, unpack_c
 from ldm_inpaint.models.unet import UNetModel
 from ldm_inpaint.pipeline import InpaintPipeline
 from ldm_inpaint.random_weights import random_checkpoint
+from ldm_inpaint.runtime import release_file_pages
 
 from .conftest import FULL_CONFIGS, TINY_CONFIGS
 from .parity import assert_parity

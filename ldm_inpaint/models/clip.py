@@ -113,7 +113,11 @@ class TextTransformer(nn.Module):
         super().__init__()
         self.params = params
         width = params.width
-        self.token_embedding = nn.Embedding(params.vocab_size, width)
+        # Zeros, as the positional embedding: the weights come from a checkpoint. (nn.Embedding's own N(0, 1)
+        # init runs torch._refs on the meta device, which imports torch._dynamo: 0.17 GiB of resident memory.)
+        self.token_embedding = nn.Embedding(
+            params.vocab_size, width, _weight=torch.zeros(params.vocab_size, width)
+        )
         self.positional_embedding = nn.Parameter(torch.zeros(params.context_length, width))
         self.transformer = nn.Module()
         self.transformer.resblocks = nn.ModuleList(

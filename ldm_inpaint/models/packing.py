@@ -76,8 +76,8 @@ class PackedConv2d(nn.Module):
     def _pack(self, input_shape: tuple[int, ...]) -> None:
         """(out, in, kh, kw) plain -> oneDNN's opaque blocked layout for ``input_shape`` (same values)."""
         plain = self.plain_weight()
-        # In the lean allocator mode, if chosen, the weight-sized temporaries leave no holes in the heap.
-        with fresh_large_blocks():
+        # Under the allocator setting of the command-line tools, the weight-sized temporaries leave no holes.
+        with fresh_large_blocks(one_off=True):
             self.packed_weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
                 plain.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, list(input_shape)
             )
@@ -164,7 +164,7 @@ def pack_convolutions(model: nn.Module, release: Callable[[Tensor], object] | No
     """Replace every ``nn.Conv2d`` of ``model`` (on CPU, float32 or bfloat16) by a :class:`PackedConv2d` in
     place. Each one packs its weight on its first call and then drops the plain weight, handing it to
     ``release`` (e.g. to give back the file pages of a memory-mapped checkpoint,
-    :func:`ldm_inpaint.checkpoint.release_file_pages`). Returns how many were replaced."""
+    :func:`ldm_inpaint.runtime.release_file_pages`). Returns how many were replaced."""
     for conv in model.modules():
         if isinstance(conv, nn.Conv2d) and not can_pack(conv.weight.device, conv.weight.dtype):
             raise LdmInpaintError(
