@@ -152,11 +152,14 @@ class PackedConv2d(nn.Module):
 
 
 def can_pack(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """Whether :func:`pack_convolutions` applies: a CPU model in float32 or bfloat16 with oneDNN available."""
+    """Whether :func:`pack_convolutions` applies: a CPU model in float32, or in bfloat16 where this CPU has
+    oneDNN's bfloat16 kernels (AVX-512 BW/VL/DQ and up: without them the weight reorder fails), with oneDNN
+    available."""
     return (
         torch.device(device).type == "cpu"
         and dtype in PACKABLE_DTYPES
         and torch.backends.mkldnn.is_available()
+        and (dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
     )
 
 
@@ -168,8 +171,13 @@ def pack_convolutions(model: nn.Module, release: Callable[[Tensor], object] | No
     for conv in model.modules():
         if isinstance(conv, nn.Conv2d) and not can_pack(conv.weight.device, conv.weight.dtype):
             raise LdmInpaintError(
-                f"convolutions pack on CPU in float32 or bfloat16 with oneDNN available, found "
-                f"{conv.weight.dtype} on {conv.weight.device}"
+                "convolutions pack on CPU in float32, or in bfloat16 where the CPU has oneDNN's bfloat16 "
+                f"kernels, found {conv.weight.dtype} on {conv.weight.device}"
+                + (
+                    ""
+                    if torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                    else " (this CPU has no bfloat16 kernels)"
+                )
             )
     return _replace(model, nn.Conv2d, lambda conv: PackedConv2d(conv, release))
 
