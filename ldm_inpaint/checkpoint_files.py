@@ -50,9 +50,10 @@ def file_format(path: Path) -> str:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, object]:
-    """All top-level entries of a checkpoint file (PyTorch zip or safetensors, whatever its name), the
-    ``state_dict`` wrapper of Lightning checkpoints unwrapped (its sibling entries are returned under their
-    own names)."""
+    """All top-level entries of a checkpoint file (PyTorch zip or safetensors; a safetensors file whatever its
+    name), the
+        ``state_dict`` wrapper of Lightning checkpoints unwrapped (its sibling entries are returned under their
+        own names)."""
     path = Path(path)
     if path.is_dir():
         diffusers = (
@@ -78,6 +79,11 @@ def read_checkpoint(path: str | Path) -> dict[str, object]:
         raise CheckpointError(
             f"{path}: expected a PyTorch checkpoint (a zip written by torch.save) or a safetensors file, found "
             "neither (the first bytes match no known format)"
+        )
+    if path.suffix == ".safetensors":
+        # torch.load takes any path ending in .safetensors for a safetensors file
+        raise CheckpointError(
+            f"{path}: a PyTorch checkpoint (a zip written by torch.save) named .safetensors; rename it to .ckpt"
         )
     loaded = _torch_load(path)
     if not isinstance(loaded, Mapping):

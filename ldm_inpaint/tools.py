@@ -329,7 +329,7 @@ def inspect_checkpoint(path: str | Path, config: str | Path | None = None) -> Re
     report.config = resolved.name
     report.family = _family(resolved)
     report.config_parameters = _parameter_counts(expected)
-    passed = f"all {len(expected)} weights present with their shapes, nothing else"
+    passed = f"all {len(expected)} weights present with their shapes as dense floating point, nothing else"
     report.keys = _run_check(passed, check_weights, model, sorted_.weights, resolved)
     if "alphas_cumprod" in entries:
         report.schedule = _run_check("alphas_cumprod matches the config", check_schedule, entries, resolved)
