@@ -202,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def inpaint_main(argv: Sequence[str]) -> int:
     # The model code, imported once the command line is known to be good.
-    from ldm_inpaint.checkpoint import load_model, sha256_file
+    from ldm_inpaint.checkpoint import load_model
+    from ldm_inpaint.files import sha256_file
     from ldm_inpaint.models.packing import can_pack
     from ldm_inpaint.pipeline import InpaintPipeline
 

@@ -137,14 +137,15 @@ def test_bad_paths_and_sizes(checkpoint: Path, tmp_path: Path, capsys) -> None:
         main([*base_args(tmp_path / "missing.ckpt", out), "--image", str(image), "--mask", str(mask)])
     assert "checkpoint not found" in capsys.readouterr().err
 
+    # A single image and mask are read before the model loads: bad input, exit 2.
     assert (
-        main([*base_args(checkpoint, out), "--image", str(tmp_path / "nope.png"), "--mask", str(mask)]) == 1
+        main([*base_args(checkpoint, out), "--image", str(tmp_path / "nope.png"), "--mask", str(mask)]) == 2
     )
     assert "nope.png" in capsys.readouterr().err
 
     small_mask = tmp_path / "small_mask.png"
     Image.new("L", (32, 32), 255).save(small_mask)
-    assert main([*base_args(checkpoint, out), "--image", str(image), "--mask", str(small_mask)]) == 1
+    assert main([*base_args(checkpoint, out), "--image", str(image), "--mask", str(small_mask)]) == 2
     assert "--resize-mask" in capsys.readouterr().err
     resized = [*base_args(checkpoint, out), "--image", str(image), "--mask", str(small_mask), "--resize-mask"]
     assert main(resized) == 0

@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ldm_inpaint.files import write_new_text
+
 from .settings import GB, GUIDANCE_SCALE, IMPLEMENTATIONS, Settings, cases
 
 
@@ -217,14 +219,15 @@ def load_memory_table(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
-    """``benchmark-N.json`` and ``benchmark-N.md`` with the first N that names neither file yet."""
+    """``benchmark-N.json`` and ``benchmark-N.md`` with the first N that names neither file yet, each written
+    whole under a temporary name first (:func:`ldm_inpaint.files.write_atomic`), never over a file."""
     out.mkdir(parents=True, exist_ok=True)
+    texts = json.dumps(report, indent=1, default=str), markdown(report)  # paths as strings
     number = 1
-    while (out / f"benchmark-{number:03d}.json").exists() or (out / f"benchmark-{number:03d}.md").exists():
+    while True:
+        paths = out / f"benchmark-{number:03d}.json", out / f"benchmark-{number:03d}.md"
+        if not any(path.exists() for path in paths) and write_new_text(paths[0], texts[0]):
+            if write_new_text(paths[1], texts[1]):
+                return paths
+            paths[0].unlink()  # another run took this number's table meanwhile
         number += 1
-    paths = out / f"benchmark-{number:03d}.json", out / f"benchmark-{number:03d}.md"
-    with open(paths[0], "x") as file:
-        json.dump(report, file, indent=1, default=str)  # paths as strings
-    with open(paths[1], "x") as file:
-        file.write(markdown(report))
-    return paths
