@@ -125,7 +125,7 @@ def test_wrong_shape_in_a_packed_load_is_reported() -> None:
 
 def test_what_cannot_pack_is_a_clear_error() -> None:
     unet, inputs = unet_inputs("v1", torch.float16)
-    with pytest.raises(LdmInpaintError, match=r"float32 or bfloat16 .* found torch\.float16 on cpu"):
+    with pytest.raises(LdmInpaintError, match=r"float32, or in bfloat16 .* found torch\.float16 on cpu"):
         pack_convolutions(unet)
     conv = PackedConv2d(nn.Conv2d(4, 8, 3, padding=1))
     with pytest.raises(LdmInpaintError, match=r"run on CPU in torch\.float32, found a torch\.bfloat16 input"):
@@ -171,7 +171,10 @@ def run_pipelines(config_path: Path, tmp_path: Path, size: int, steps: int) -> N
     assert not any(isinstance(m, PackedConv2d) for m in plain.model.modules())
     image, mask = sample_image(size), sample_mask(size)
     options = {"negative_prompt": "blurry", "steps": steps, "seed": 7}
-    expected, actual = plain(image, mask, PROMPT, **options), packed(image, mask, PROMPT, **options)
+    expected, actual = (
+        plain(image, mask, prompt=PROMPT, **options),
+        packed(image, mask, prompt=PROMPT, **options),
+    )
     assert_parity(actual.latents, expected.latents)
     assert_parity(actual.images, expected.images)
 

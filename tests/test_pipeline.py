@@ -188,7 +188,7 @@ def test_vae_runs_inside_the_lean_allocator_block(
         finally:
             inside[0] = False
 
-    monkeypatch.setattr("ldm_inpaint.pipeline.fresh_large_blocks", recording_block)
+    monkeypatch.setattr("ldm_inpaint.autoencoding.fresh_large_blocks", recording_block)
     vae = tiny_pipeline.model.first_stage_model
     hooks = [
         part.register_forward_pre_hook(lambda module, args, name=name: seen.append((name, inside[0])))
@@ -239,11 +239,13 @@ def test_plms_and_guidance_scale_one_run(tiny_pipeline: InpaintPipeline) -> None
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"steps": 0}, "steps must be in 1..1000"),
-        ({"guidance_scale": -1.0}, "guidance scale must be >= 0"),
-        ({"sampler": "plms", "eta": 0.5}, "plms sampler injects no noise and needs eta 0"),
-        ({"sampler": "euler-x"}, "unknown sampler 'euler-x'"),
-        ({"n_samples": 2, "prompt": ["a", "b", "c"]}, "expected 1 or 2 prompts"),
+        ({"steps": 0}, r"steps: expected 1..1000 \(the training timesteps\), found 0"),
+        ({"guidance_scale": -1.0}, "guidance scale: expected >= 0, found -1.0"),
+        ({"sampler": "plms", "eta": 0.5}, "plms is deterministic: eta must be 0, found 0.5"),
+        ({"sampler": "euler-x"}, "sampler: expected one of ddim, .*, found 'euler-x'"),
+        ({"n_samples": 2, "prompt": ["a", "b", "c"]}, r"prompt: expected text, found \['a', 'b', 'c'\]"),
+        ({"seed": 2**32}, "seed: expected 0..4294967295, or -1 for a random one, found 4294967296"),
+        ({"stepz": 3}, "unexpected keyword argument 'stepz'; options are the fields of InpaintOptions"),
         ({"start_latent": torch.zeros(1, 4, 4, 4)}, r"start latent must have shape \(1, 4, 8, 8\)"),
     ],
 )
@@ -349,8 +351,8 @@ def test_crop_to_mask_edits_only_the_box(tiny_pipeline: InpaintPipeline) -> None
     ("options", "message"),
     [
         ({"mask_blur": 2.0}, "use it with paste-back or crop-to-mask"),
-        ({"mask_grow": -1}, "must be >= 0"),
-        ({"mask_mode": "mean", "steps": 1}, "'nearest' or 'max'"),
+        ({"mask_grow": -1}, "mask grow, mask blur and crop padding: expected >= 0, found -1"),
+        ({"mask_mode": "mean", "steps": 1}, "mask_mode: expected one of max, nearest, found 'mean'"),
     ],
 )
 def test_bad_control_options(tiny_pipeline: InpaintPipeline, options: dict, message: str) -> None:
@@ -485,7 +487,7 @@ def test_contexts_and_latents_are_memoized_across_calls(
     assert (len(text_calls), len(vae_calls)) == (2, encodings)
     any_pipeline(image, mask, prompt="another prompt", **options)  # one new context, the negative one is kept
     assert (len(text_calls), len(vae_calls)) == (3, encodings)
-    any_pipeline(image, mask, prompt=PROMPT, **options, vae_tiling=True)  # tiled encodings are other latents
+    any_pipeline(image, mask, prompt=PROMPT, **options, vae_tiling="on")  # tiled encodings are other latents
     assert (len(text_calls), len(vae_calls)) == (3, 2 * encodings)
 
 

@@ -128,9 +128,11 @@ def test_half_precision_pipeline_is_close_to_float32(version: str, dtype: torch.
     checkpoint = random_checkpoint(config, seed=5)
     image, mask = sample_image(128), sample_mask(128)
     options = dict(steps=5, guidance_scale=5.0, seed=1)
-    expected = InpaintPipeline(build_model(checkpoint, config).model)(image, mask, PROMPT, **options).images
+    expected = InpaintPipeline(build_model(checkpoint, config).model)(
+        image, mask, prompt=PROMPT, **options
+    ).images
     half = InpaintPipeline(build_model(checkpoint, config, dtype=dtype).model)
-    images = half(image, mask, PROMPT, **options).images
+    images = half(image, mask, prompt=PROMPT, **options).images
     assert images.dtype == torch.float32
     assert_close_to_float32(images, expected, dtype)
 
