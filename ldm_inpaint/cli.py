@@ -18,6 +18,7 @@ from ldm_inpaint.command import EXIT_BAD_INPUT, EXIT_FAILED_ITEMS, Parser, run
 from ldm_inpaint.devices import PRECISIONS, resolve_device
 from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.files import check_output_folder
+from ldm_inpaint.pairs import find_pairs
 from ldm_inpaint.runtime import keep_freed_memory
 
 if TYPE_CHECKING:
@@ -214,7 +215,7 @@ def inpaint_main(argv: Sequence[str]) -> int:
         keep_freed_memory(lean=True)
     try:
         if args.batch is not None:
-            pairs, problems = image_io.find_pairs(args.batch)
+            pairs, problems = find_pairs(args.batch)
         else:
             pairs, problems = [(args.image, args.mask)], []
             _load_pair(args.image, args.mask, args.resize_mask, args.max_pixels)  # readable, before the model

@@ -68,3 +68,8 @@ def bounding_box(mask: Tensor, padding: int, min_size: int = 0) -> tuple[int, in
     top, bottom = _span(rows[0], rows[-1] + 1, height, padding, min_size)
     left, right = _span(cols[0], cols[-1] + 1, width, padding, min_size)
     return top, left, bottom, right
+
+
+def composite(original: Tensor, painted: Tensor, alpha: Tensor) -> Tensor:
+    """``painted`` where ``alpha`` is 1, ``original`` where it is 0, blended in between (paste-back)."""
+    return original * (1 - alpha) + painted * alpha

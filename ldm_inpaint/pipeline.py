@@ -37,7 +37,6 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL.Image import Image
@@ -55,7 +54,7 @@ from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 from ldm_inpaint.models.packing import can_pack
 from ldm_inpaint.options import InpaintOptions, OptionError
 from ldm_inpaint.samplers import StepCallback, make_schedule, sample
-from ldm_inpaint.samplers.noise import sample_generators
+from ldm_inpaint.samplers.noise import sample_generators, start_noise
 from ldm_inpaint.schedule import alphas_cumprod
 from ldm_inpaint.tokenizer import Tokens, chunk_count, tokenize_prompts
 
@@ -75,12 +74,6 @@ class InpaintResult:
 
     def to_pil(self) -> list[Image]:
         return image_io.tensor_to_pil(self.images)
-
-
-def start_noise(seed: int, n: int, latent_size: tuple[int, int], channels: int = 4) -> Tensor:
-    """The original demos' start code: ``np.random.RandomState(seed).randn(n, 4, h, w)`` as float32."""
-    noise = np.random.RandomState(seed).randn(n, channels, *latent_size)
-    return torch.from_numpy(noise.astype(np.float32))
 
 
 def _height_width(image: Image | Tensor) -> tuple[int, int]:
@@ -103,11 +96,6 @@ def _as_mask_tensor(mask: Image | Tensor, notes: list[str]) -> Tensor:
         total = binary.numel()
         notes.append(f"the mask has {soft} of {total} pixels neither black nor white: binarized at 0.5")
     return binary
-
-
-def _composite(original: Tensor, painted: Tensor, alpha: Tensor) -> Tensor:
-    """``painted`` where ``alpha`` is 1, ``original`` where it is 0, blended in between."""
-    return original * (1 - alpha) + painted * alpha
 
 
 class InpaintPipeline:
@@ -306,7 +294,7 @@ class InpaintPipeline:
             mask = None if mask is None else F.interpolate(mask, size=size, mode="nearest")
         result = inpaint(image, mask)
         if options.paste_back:
-            result.images = _composite(image, result.images, masks.blur(mask, options.mask_blur))
+            result.images = masks.composite(image, result.images, masks.blur(mask, options.mask_blur))
         return result
 
     def _inpaint_box(
@@ -331,7 +319,7 @@ class InpaintPipeline:
         painted = F.interpolate(result.images, size=box_image.shape[-2:], mode="bicubic", antialias=True)
         images = image.expand(len(painted), -1, -1, -1).clone()
         alpha = masks.blur(box_mask, options.mask_blur)
-        images[..., top:bottom, left:right] = _composite(box_image, painted, alpha)
+        images[..., top:bottom, left:right] = masks.composite(box_image, painted, alpha)
         return replace(result, images=images)
 
     def _image_conditioning(

@@ -17,7 +17,6 @@ from ldm_inpaint.image_io import (
     ImageError,
     check_same_size,
     crop,
-    find_pairs,
     image_to_tensor,
     load_image,
     mask_to_tensor,
@@ -28,6 +27,7 @@ from ldm_inpaint.image_io import (
     save_png,
     tensor_to_pil,
 )
+from ldm_inpaint.pairs import find_pairs
 
 
 def _row(mode: str, values: list, dtype: str) -> Image.Image:

@@ -22,9 +22,10 @@ from ldm_inpaint.config import ModelConfig, load_config
 from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.image_io import mask_to_tensor
 from ldm_inpaint.memo import MEMO_SIZE
-from ldm_inpaint.pipeline import InpaintPipeline, _as_image_tensor, start_noise
+from ldm_inpaint.pipeline import InpaintPipeline, _as_image_tensor
 from ldm_inpaint.random_weights import random_checkpoint
 from ldm_inpaint.samplers import SAMPLERS
+from ldm_inpaint.samplers.noise import start_noise
 from ldm_inpaint.tokenizer import chunk_count, tokenize
 
 from .conftest import CONFIGS, FULL_CONFIGS, TINY_CONFIGS

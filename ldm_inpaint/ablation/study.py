@@ -20,6 +20,7 @@ from ldm_inpaint.config import load_config
 from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.files import sha256_file
 from ldm_inpaint.options import InpaintOptions, OptionError
+from ldm_inpaint.pairs import find_pairs
 
 CHECKPOINT = "checkpoint"
 SWEEPABLE = (CHECKPOINT, *options.SWEEPABLE)
@@ -316,7 +317,7 @@ def _read_pairs(args: argparse.Namespace, spec: dict[str, Any], base: Path, resi
 
 
 def _batch(source: Path) -> list[tuple[Path, Path]]:
-    paths, problems = image_io.find_pairs(source)
+    paths, problems = find_pairs(source)
     if problems:
         raise SpecError(f"{len(problems)} problem(s) with the pairs of {source}: " + "; ".join(problems))
     return paths

@@ -6,12 +6,20 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 NoiseSource = torch.Generator | Sequence[torch.Generator] | None
 """Where injected noise comes from: one generator for the batch (diffusers' way), one per sample (so that a
 sample's noise does not depend on how many samples share the batch), or torch's global one."""
+
+
+def start_noise(seed: int, n: int, latent_size: tuple[int, int], channels: int = 4) -> Tensor:
+    """The original demos' start code: ``np.random.RandomState(seed).randn(n, 4, h, w)`` as float32, so seeds
+    carry over from them; sample ``i`` is row ``i`` of the stream, whatever ``n``."""
+    noise = np.random.RandomState(seed).randn(n, channels, *latent_size)
+    return torch.from_numpy(noise.astype(np.float32))
 
 
 def sample_seed(seed: int, index: int) -> int:
