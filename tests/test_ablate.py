@@ -319,6 +319,7 @@ def test_command_line_overrides_the_spec(checkpoints, pair, tmp_path: Path) -> N
         ({"sweep": {"sampler": ["ddim", "dpm9"]}}, [], "sampler: expected one of ddim, dpmpp_2m"),
         ({"sweep": {"steps": []}}, [], "sweep steps: expected a non-empty list of values"),
         ({"sweep": {"seed": [1, 1]}}, [], "sweep seed: expected distinct values"),
+        ({"sweep": {"seed": [1, -1]}}, [], "seed: expected fixed seeds (a study resumes its cells by their"),
         ({"fixed": {"seed": 1}, "sweep": {"seed": [1, 2]}}, [], "seed: given both as fixed and as swept"),
         ({}, ["--sweep", "steps"], "--sweep: expected KEY=V1,V2,..."),
         ({}, ["--sweep", "colour=red,blue"], "sweep: unknown parameter 'colour'"),

@@ -232,6 +232,11 @@ def build_study(args: argparse.Namespace) -> Study:
     sweep = _apply_command_line(args, fixed, sweep)
     if CHECKPOINT not in fixed and CHECKPOINT not in sweep:
         raise SpecError("no checkpoint: give --ckpt, or 'checkpoint:' in the spec")
+    if options.RANDOM_SEED in [fixed.get("seed"), *sweep.get("seed", [])]:
+        raise SpecError(
+            f"seed: expected fixed seeds (a study resumes its cells by their options), found "
+            f"{options.RANDOM_SEED}; give seeds, e.g. --sweep seed=1,2,3"
+        )
     for key in sweep:
         fixed.pop(key, None)
     use_ema = args.use_ema if args.use_ema is not None else _boolean(spec.get("use_ema", False), "use_ema")
