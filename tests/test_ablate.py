@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 import ldm_inpaint.ablation.runner as runner
 from ldm_inpaint.ablation.cli import ablate_main, build_parser
 from ldm_inpaint.ablation.draw import CAPTION_HEIGHT, FAILED_GRAY, GAP, HEADER_HEIGHT, LABEL_WIDTH
-from ldm_inpaint.ablation.results import COLUMNS, mask_change
+from ldm_inpaint.ablation.results import COLUMNS, Results, mask_change
 from ldm_inpaint.ablation.study import build_study
 from ldm_inpaint.config import load_config
 from ldm_inpaint.image_io import read_png_metadata
@@ -384,3 +384,29 @@ def test_full_size_checkpoint_is_detected_and_swept(family, pair, tmp_path: Path
     assert all(row["unet_evaluations"] == 1 and row["change_outside"] == 0.0 for row in rows)
     assert rows[0]["change_inside"] != rows[1]["change_inside"]  # the seed changes the fill
     assert ablate_main(args) == 0 and unet_calls[0] == 2
+
+
+def test_a_run_killed_between_the_database_and_the_exports_loses_nothing(
+    checkpoints, pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row is committed to results.sqlite, then the exports are rewritten: a kill in between (simulated by an
+    exception) leaves the tables a row short until the next run, which neither loses nor duplicates a row."""
+    out = tmp_path / "run"
+    args = command(checkpoints["v1"], pair, out, "--sweep", "seed=1,2", "--steps", "1", "--scale", "1")
+    export = Results.export
+    calls = []
+
+    def killed_after_the_first_row(self: Results) -> None:
+        calls.append(1)
+        if len(calls) == 2:  # the export after the first row (the first call is the one at start)
+            raise KeyboardInterrupt
+        export(self)
+
+    monkeypatch.setattr(Results, "export", killed_after_the_first_row)
+    with pytest.raises(KeyboardInterrupt):
+        ablate_main(args)
+    assert len(jsonl_rows(out)) == 0  # the exports lag, the database has the row
+    monkeypatch.setattr(Results, "export", export)
+    assert ablate_main(args) == 0
+    rows, (_, table) = jsonl_rows(out), csv_rows(out)
+    assert [row["seed"] for row in rows] == [1, 2] and [line["seed"] for line in table] == ["1", "2"]

@@ -3,6 +3,7 @@ mode that carries on past a bad pair, and one clear error line for bad input."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -262,3 +263,17 @@ def test_strength_and_missing_inputs_are_one_line_errors(
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_name_that_is_not_utf8_does_not_stop_the_batch(checkpoint: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    write_pair(folder, "plain")
+    name = os.fsdecode(b"caf\xe9")  # a Latin-1 file name, read as surrogate escapes
+    image, mask = write_pair(folder, "tmp")
+    image.rename(folder / f"{name}.png")
+    mask.rename(folder / f"{name}_mask.png")
+    outdir = tmp_path / "out"
+    assert main([*base_args(checkpoint, outdir), "--batch", str(folder)]) == 0
+    written = sorted(os.fsencode(path.name) for path in outdir.iterdir())
+    assert written == [b"caf\xe9-00000.png", b"plain-00000.png"]
+    assert read_png_metadata(outdir / f"{name}-00000.png")["image"].endswith("caf\\xe9.png")
