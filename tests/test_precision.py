@@ -33,6 +33,7 @@ from ldm_inpaint.pipeline import InpaintPipeline
 from ldm_inpaint.random_weights import random_checkpoint, random_state_dict
 
 from .conftest import FULL_CONFIGS, TINY_CONFIGS
+from .parity import assert_parity
 from .test_pipeline import PROMPT, sample_image, sample_mask
 
 # Half precision vs float32, as fractions of the float32 output's std: (mean |diff|, max |diff|).
@@ -115,7 +116,9 @@ def test_set_attention_slicing_on_unet_and_vae() -> None:
             set_attention_slicing(model, None)
         unsliced = unet(x, t, context), vae.decode(z)
     for a, b, c in zip(whole, sliced, unsliced, strict=True):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-5 * a.std().item())
+        # Slicing reorders float32 sums inside attention; through a random network that moves outputs by
+        # ulps that some torch releases (2.6) round past 1e-5 x std: the one parity bar of tests/parity.py.
+        assert_parity(b, a)
         assert torch.equal(c, a)
     with pytest.raises(LdmInpaintError, match="found 0"):
         set_attention_slicing(unet, 0)
