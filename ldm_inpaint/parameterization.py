@@ -41,12 +41,6 @@ def v_to_x0(v: Tensor, x_t: Tensor, alpha_bar: AlphaBar) -> Tensor:
     return alpha_bar**0.5 * x_t - (1.0 - alpha_bar) ** 0.5 * v
 
 
-def to_eps(parameterization: Parameterization, output: Tensor, x_t: Tensor, alpha_bar: AlphaBar) -> Tensor:
-    """A model's ``output`` at ``x_t`` as an eps prediction."""
-    check_parameterization(parameterization)
-    return output if parameterization == "eps" else v_to_eps(output, x_t, alpha_bar)
-
-
 def training_target(
     parameterization: Parameterization, x0: Tensor, eps: Tensor, alpha_bar: AlphaBar
 ) -> Tensor:
