@@ -9,7 +9,7 @@ Sources (facts only; the code is ours):
   ``configs/data_gen/random_{thick,medium,thin}_512.yaml``; the selection rule of ``bin/gen_mask_dataset.py``
   is :func:`draw_eval_mask`.
 
-Every draw comes from the ``numpy.random.Generator`` the caller passes (:func:`mask_rng` keys one by
+Every draw comes from the ``numpy.random.Generator`` the caller passes (:func:`keyed_rng` keys one by
 (seed, step, sample index)), never from a global RNG. A mask is first *planned*, a list of :class:`Stroke` and
 :class:`Box` in reference pixels where every published integer range applies as written, then *rasterized*
 (:func:`rasterize`: PIL as the SD original, OpenCV's thick-line geometry for LaMa's strokes). Ranges below are
@@ -94,9 +94,10 @@ LAMA_SETS: dict[str, tuple[LamaStrokes, LamaBoxes | None]] = {
 }
 
 
-def mask_rng(seed: int, step: int, index: int) -> np.random.Generator:
-    """The generator of one mask: a function of (seed, training step or 0, sample index) only, never of the
-    number of processes or the order in which samples are drawn."""
+def keyed_rng(seed: int, step: int, index: int) -> np.random.Generator:
+    """The generator of one sample's draws (its mask; in training also its crop, caption dropout, timestep and
+    noise): a function of (seed, training step or 0, sample index) only, never of the number of processes or
+    the order in which samples are drawn."""
     key = (seed, step, index)
     if any(not isinstance(part, int | np.integer) or part < 0 for part in key):
         raise MaskError(f"a mask's random key is three integers >= 0 (seed, step, index), found {key}")

@@ -21,7 +21,7 @@ from ldm_inpaint.mask_generators import (
     Stroke,
     draw_eval_mask,
     draw_mask,
-    mask_rng,
+    keyed_rng,
     plan_mask,
     rasterize,
     reference_size,
@@ -53,29 +53,29 @@ def assert_fraction(flags: list[bool], p: float) -> None:
 
 @cache
 def plans(kind: str, n: int) -> tuple[list[Stroke | Box], ...]:
-    return tuple(plan_mask(kind, 512, 512, mask_rng(11, 0, i)) for i in range(n))
+    return tuple(plan_mask(kind, 512, 512, keyed_rng(11, 0, i)) for i in range(n))
 
 
 def test_a_key_gives_one_mask_and_other_keys_others() -> None:
     for kind in MASK_KINDS:
-        first = draw_mask(kind, 64, 64, mask_rng(7, 3, 2))
-        assert np.array_equal(first, draw_mask(kind, 64, 64, mask_rng(7, 3, 2)))
-        assert plan_mask(kind, 64, 64, mask_rng(7, 3, 2)) == plan_mask(kind, 64, 64, mask_rng(7, 3, 2))
+        first = draw_mask(kind, 64, 64, keyed_rng(7, 3, 2))
+        assert np.array_equal(first, draw_mask(kind, 64, 64, keyed_rng(7, 3, 2)))
+        assert plan_mask(kind, 64, 64, keyed_rng(7, 3, 2)) == plan_mask(kind, 64, 64, keyed_rng(7, 3, 2))
         others = [
-            plan_mask(kind, 64, 64, mask_rng(*key)) for key in [(8, 3, 2), (7, 4, 2), (7, 3, 3), (2, 3, 7)]
+            plan_mask(kind, 64, 64, keyed_rng(*key)) for key in [(8, 3, 2), (7, 4, 2), (7, 3, 3), (2, 3, 7)]
         ]
-        assert all(other != plan_mask(kind, 64, 64, mask_rng(7, 3, 2)) for other in others)
+        assert all(other != plan_mask(kind, 64, 64, keyed_rng(7, 3, 2)) for other in others)
 
 
 def test_errors_name_what_is_allowed() -> None:
-    rng = mask_rng(0, 0, 0)
+    rng = keyed_rng(0, 0, 0)
     message = "mask kind must be one of sd-large, lama-thick, lama-medium, lama-thin; found 'lama-wide'"
     for call in (draw_mask, plan_mask, draw_eval_mask):
         with pytest.raises(MaskError, match=message):
             call("lama-wide", 64, 64, rng)
     assert issubclass(MaskError, LdmInpaintError)
     with pytest.raises(MaskError, match=r"three integers >= 0 \(seed, step, index\), found \(1, -2, 0\)"):
-        mask_rng(1, -2, 0)
+        keyed_rng(1, -2, 0)
     with pytest.raises(MaskError, match="at least 1 pixel, found 0 x 64"):
         draw_mask("sd-large", 0, 64, rng)
     with pytest.raises(MaskError, match="found candidates=0, max_area=0.5"):
@@ -223,7 +223,7 @@ AREAS["lama-thin"] = (0.290, 0.138)
 
 @pytest.mark.parametrize("kind", MASK_KINDS)
 def test_masks_at_512_and_64(kind: str) -> None:
-    masks = [draw_mask(kind, 512, 512, mask_rng(21, 0, i)) for i in range(200)]
+    masks = [draw_mask(kind, 512, 512, keyed_rng(21, 0, i)) for i in range(200)]
     assert all(m.dtype == np.float32 and m.shape == (512, 512) for m in masks)
     assert all(((m == 0) | (m == 1)).all() for m in masks) and all(0 < m.mean() < 1 for m in masks)
     mean, sd = AREAS[kind]
@@ -233,7 +233,7 @@ def test_masks_at_512_and_64(kind: str) -> None:
     # (SD's lowest: its 1-2 px wide segments at 64 px round to whole pixels).
     areas, ious = [], []
     for i, large in enumerate(masks):
-        small = draw_mask(kind, 64, 64, mask_rng(21, 0, i))
+        small = draw_mask(kind, 64, 64, keyed_rng(21, 0, i))
         assert small.shape == (64, 64)
         areas.append(small.mean() - large.mean())
         pooled = large.reshape(64, 8, 64, 8).mean(axis=(1, 3)) > 0.5
@@ -241,17 +241,17 @@ def test_masks_at_512_and_64(kind: str) -> None:
             ious.append((pooled & (small > 0)).sum() / (pooled | (small > 0)).sum())
     assert max(map(abs, areas)) < 0.03 and abs(np.mean(areas)) < 0.005
     assert np.mean(ious) > 0.9 and min(ious) > 0.7
-    assert draw_mask(kind, 32, 48, mask_rng(21, 0, 0)).shape == (32, 48)
+    assert draw_mask(kind, 32, 48, keyed_rng(21, 0, 0)).shape == (32, 48)
 
 
 @pytest.mark.parametrize("kind", ["lama-thick", "lama-thin"])
 def test_eval_masks_keep_one_candidate_of_at_most_half(kind: str) -> None:
-    kept = [draw_eval_mask(kind, 512, 512, mask_rng(5, 0, i)) for i in range(30)]
+    kept = [draw_eval_mask(kind, 512, 512, keyed_rng(5, 0, i)) for i in range(30)]
     assert all(m is None or (m.shape == (512, 512) and m.mean() <= 0.5) for m in kept)
     assert sum(m is None for m in kept) <= 2  # all 5 over half: 0.435^5 = 1.6 % of thick images
     # The kept mask is one of the candidates: replaying the key's draws finds it among them.
-    rng = mask_rng(5, 0, 1)
+    rng = keyed_rng(5, 0, 1)
     candidates = [draw_mask(kind, 512, 512, rng) for _ in range(5)]
     assert any(np.array_equal(kept[1], c) for c in candidates if c.mean() <= 0.5)
     # A bound nothing meets leaves nothing to keep.
-    assert draw_eval_mask(kind, 64, 64, mask_rng(5, 0, 0), max_area=1e-6) is None
+    assert draw_eval_mask(kind, 64, 64, keyed_rng(5, 0, 0), max_area=1e-6) is None

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ldm_inpaint.models.attention import attention
 
@@ -299,6 +300,9 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(layers))
 
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(ch, params.out_channels, 3, padding=1))
+        # Gradient checkpointing (the original ``use_checkpoint``): when autograd records, each stage keeps
+        # only its input and recomputes its activations in the backward pass; same outputs and gradients.
+        self.checkpointing = False
 
     def _transformer(self, channels: int) -> SpatialTransformer:
         """The original's head split: SD1 fixes the head count, SD2 the head width."""
@@ -314,16 +318,22 @@ class UNetModel(nn.Module):
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
         self._check_input(x)
         emb = self.time_embed(timestep_embedding(timesteps, self.params.model_channels).to(x.dtype))
+        stage = self._stage
         skips = []
         h = x
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = stage(block, h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = stage(self.middle_block, h, emb, context)
         for block in self.output_blocks:
             # (b, c, h, w) + (b, c_skip, h, w) -> (b, c + c_skip, h, w)
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = stage(block, torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)
+
+    def _stage(self, block: TimestepEmbedSequential, h: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, use_reentrant=False)
+        return block(h, emb, context)
 
     def _check_input(self, x: Tensor) -> None:
         expected_channels = self.params.in_channels

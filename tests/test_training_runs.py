@@ -1,0 +1,141 @@
+"""Whole runs of ``ldm-inpaint train`` on a tiny model: outputs, resume, accumulation, processes, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ldm_inpaint.checkpoint import load_model
+from ldm_inpaint.checkpoint_files import read_checkpoint
+from ldm_inpaint.cli import main
+from ldm_inpaint.training.outputs import STATE_FILE
+from tests.conftest import REPO, TINY_CONFIGS
+from tests.training_data import TINY_V, make_checkpoint, make_folder, train_args
+
+# Runs that differ only in how the global batch is summed (micro-batches, processes) agree to this relative
+# error: in each step's loss and gradient norm, and in the UNet's change from its initial weights (the norm of
+# the difference over the norm of the change). Float sums in another order differ in the last bits. Weights
+# whose gradient is below Adam's eps (1e-8) are left out: Adam moves them by a step that rounding decides (in
+# the tiny UNet, biases feeding a GroupNorm of one channel per group have a gradient that is exactly zero in
+# exact arithmetic and ~1e-11 in floats).
+SPLIT_TOLERANCE = 1e-4
+ADAM_EPS = 1e-8
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    root = tmp_path_factory.mktemp("training")
+    return {"ckpt": make_checkpoint(root / "init.ckpt"), "data": make_folder(root / "data"), "root": root}
+
+
+def unet_weights(path) -> dict[str, torch.Tensor]:
+    entries = read_checkpoint(path)
+    return {k: v for k, v in entries.items() if k.startswith("model.diffusion_model.")}
+
+
+def assert_same_training(run_a, run_b, init: dict) -> None:
+    rows_a, rows_b = (
+        [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (run_a, run_b)
+    )
+    for a, b in zip(rows_a, rows_b, strict=True):
+        for name in ("loss", "grad_norm"):
+            assert a[name] == pytest.approx(b[name], rel=SPLIT_TOLERANCE), (a, b)
+    a, b = unet_weights(run_a / "last.ckpt"), unet_weights(run_b / "last.ckpt")
+    state = torch.load(run_a / STATE_FILE, weights_only=True)
+    second_moments = dict(zip(state["trained"], (s["exp_avg_sq"] for s in state["optimizer"]["state"].values()), strict=True))
+    moved = {k: second_moments[k.removeprefix("model.diffusion_model.")].sqrt() > ADAM_EPS for k in a}
+    change = torch.cat([(a[k] - init[k])[moved[k]] for k in a]).norm()
+    difference = torch.cat([(a[k] - b[k])[moved[k]] for k in a]).norm()
+    assert change > 0 and difference <= SPLIT_TOLERANCE * change, f"{difference / change:.3g}"
+
+
+def test_a_run_writes_original_layout_checkpoints_metrics_and_grids(files, tmp_path) -> None:
+    run = tmp_path / "run"
+    args = train_args(files["ckpt"], files["data"], run, steps=2, **{"save-every": 1, "sample-every": 2, "safetensors": True})
+    assert main(["train", *args]) == 0
+    assert sorted(p.name for p in run.iterdir()) == [
+        "last.ckpt", "last.safetensors", "metrics.jsonl", "samples", "settings.json", "state",
+        "step-0000001.ckpt", "step-0000001.safetensors", "step-0000002.ckpt", "step-0000002.safetensors",
+    ]  # fmt: skip
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert set(rows[0]) == {"step", "loss", "lr", "grad_norm", "samples_per_s", "peak_memory_gib"}
+    assert rows[0]["lr"] == pytest.approx(1e-3 * 1e-6) and rows[1]["lr"] == pytest.approx(1e-3 * (0.5 + 0.5e-6))
+    assert (run / "samples" / "step-0000002.png").is_file()
+    entries = read_checkpoint(run / "last.ckpt")
+    assert torch.equal(entries["model_ema.num_updates"], torch.tensor(2, dtype=torch.int32))
+    assert "model_ema.diffusion_modelinput_blocks00weight" in entries
+    trained = load_model(run / "last.ckpt", TINY_CONFIGS["v1"]).model
+    ema = load_model(run / "last.safetensors", TINY_CONFIGS["v1"], use_ema=True).model
+    initial = load_model(files["ckpt"], TINY_CONFIGS["v1"]).model
+    key = "model.diffusion_model.out.2.weight"
+    w, w_ema, w0 = (m.state_dict()[key] for m in (trained, ema, initial))
+    assert not torch.equal(w, w0)
+    # two updates with warm-up decays 2/11 and 3/12: the shadow moved from w0 toward the weights
+    assert 0 < (w_ema - w0).abs().max() < (w - w0).abs().max()
+    for name in ("first_stage_model.encoder.conv_in.weight", "cond_stage_model.model.token_embedding.weight"):
+        assert torch.equal(trained.state_dict()[name], initial.state_dict()[name])
+
+
+def test_resume_gives_what_an_uninterrupted_run_gives(files, tmp_path) -> None:
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(["train", *train_args(files["ckpt"], files["data"], straight, steps=4)]) == 0
+    assert main(["train", *train_args(files["ckpt"], files["data"], split, steps=2)]) == 0
+    assert main(["train", "--resume", str(split), "--steps", "4", "--lr", "1e-3"]) == 0
+    a, b = unet_weights(straight / "last.ckpt"), unet_weights(split / "last.ckpt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.load(split / STATE_FILE, weights_only=True)["step"] == 4
+    assert [json.loads(r)["step"] for r in (split / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_accumulation_and_processes_give_the_same_training(files, tmp_path) -> None:
+    """4 samples per step as 1 x 4, as 4 micro-batches of 1, and as 2 gloo processes x 2 micro-batches."""
+    init = unet_weights(files["ckpt"])
+    whole, micro, ranks = tmp_path / "whole", tmp_path / "micro", tmp_path / "ranks"
+    assert main(["train", *train_args(files["ckpt"], files["data"], whole, **{"grad-accum": 1})]) == 0
+    assert main(["train", *train_args(files["ckpt"], files["data"], micro, **{"grad-accum": 4})]) == 0
+    assert_same_training(whole, micro, init)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "ldm_inpaint", "train", *train_args(files["ckpt"], files["data"], ranks)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert_same_training(whole, ranks, init)
+
+
+def test_a_v_model_trains_on_the_v_target(files, tmp_path) -> None:
+    ckpt = make_checkpoint(tmp_path / "v.ckpt", TINY_V)
+    run = tmp_path / "v"
+    assert main(["train", *train_args(ckpt, files["data"], run, config=TINY_V, steps=1, **{"ema-decay": 0})]) == 0
+    assert not any(k.startswith("model_ema.") for k in read_checkpoint(run / "last.ckpt"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"batch-size": 3}, "must be a multiple of processes x --grad-accum"),
+        ({"masks": "files"}, "have no _mask file"),
+        ({"data": "/nonexistent"}, "found no folder at /nonexistent"),
+    ],
+)
+def test_bad_settings_are_one_line(files, tmp_path, capsys, extra, message) -> None:
+    data = extra.pop("data", files["data"])
+    assert main(["train", *train_args(files["ckpt"], data, tmp_path / "r", **extra)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_runs_are_never_overwritten_and_resume_keeps_its_settings(files, tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    assert main(["train", *train_args(files["ckpt"], files["data"], run, steps=1)]) == 0
+    assert main(["train", *train_args(files["ckpt"], files["data"], run, steps=1)]) == 2
+    assert "already exists; a run folder is never overwritten" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--steps", "2", "--lr", "0.5"]) == 2
+    assert "cannot change the run's settings: --lr 0.5 (run has 0.001)" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "nothing"), "--steps", "2"]) == 2
+    assert "no settings.json there" in capsys.readouterr().err
