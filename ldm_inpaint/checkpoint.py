@@ -240,16 +240,40 @@ class LoadedModel:
     model: LatentDiffusion
     config: ModelConfig
     skipped: dict[str, list[str]]
-    detected: bool
+    config_source: str  # how the config was found, see resolve_config
+
+
+def config_beside(checkpoint: str | Path) -> Path | None:
+    """The config that AUTOMATIC1111's convention puts beside a checkpoint, if that file exists: the same
+    name with the suffix ``.yaml`` (``model.safetensors`` -> ``model.yaml``)."""
+    candidate = Path(checkpoint).with_suffix(".yaml")
+    return candidate if candidate.is_file() else None
+
+
+def config_reference(
+    weights: Mapping[str, Tensor],
+    config: str | Path | ModelConfig | None,
+    checkpoint: str | Path | None = None,
+) -> tuple[str | Path | ModelConfig, str]:
+    """Which config a checkpoint loads with, and how it was found (for messages): ``config`` when given;
+    else the YAML beside ``checkpoint`` (:func:`config_beside`); else the bundled one detected from the
+    weights. Every command finds its config here."""
+    if config is not None:
+        return config, "given"
+    beside = config_beside(checkpoint) if checkpoint is not None else None
+    if beside is not None:
+        return beside, f"{beside.name} beside the checkpoint"
+    return detect_config(weights), "detected from the checkpoint"
 
 
 def resolve_config(
-    weights: Mapping[str, Tensor], config: str | Path | ModelConfig | None
-) -> tuple[ModelConfig, bool]:
-    """The given config, or the bundled one detected from the weights; and whether it was detected."""
-    if config is None:
-        return load_config(detect_config(weights)), True
-    return (config if isinstance(config, ModelConfig) else load_config(config)), False
+    weights: Mapping[str, Tensor],
+    config: str | Path | ModelConfig | None,
+    checkpoint: str | Path | None = None,
+) -> tuple[ModelConfig, str]:
+    """The config of :func:`config_reference`, loaded, and how it was found."""
+    reference, how = config_reference(weights, config, checkpoint)
+    return (reference if isinstance(reference, ModelConfig) else load_config(reference)), how
 
 
 def check_fit(
@@ -273,7 +297,8 @@ def load_model(
     device: str | torch.device = "cpu",
     pack: bool = False,
 ) -> LoadedModel:
-    """Read a checkpoint file and load it into the model of ``config`` (see :func:`build_model`).
+    """Read a checkpoint file and load it into the model of ``config`` (see :func:`build_model`; None: the
+    YAML beside the file, else detected).
 
     ``pack``: store the UNet's and the VAE's convolution weights pre-packed for oneDNN
     (:mod:`ldm_inpaint.models.packing`; CPU, float32 or bfloat16): faster CPU inference in the same memory,
@@ -301,9 +326,10 @@ def build_model(
     device: str | torch.device = "cpu",
     source: str | Path | None = None,
 ) -> LoadedModel:
-    """Build the model of ``config`` (detected from the weights when None) on the meta device, without
-    allocating weights, and load the file's entries into it strictly (``assign=True``: the model holds the
-    file's tensors, so a memory-mapped file is not copied). ``dtype`` None keeps the file's dtype.
+    """Build the model of ``config`` (when None: the YAML beside ``source``, else detected from the weights,
+    see :func:`config_reference`) on the meta device, without allocating weights, and load the file's
+    entries into it strictly (``assign=True``: the model holds the file's tensors, so a memory-mapped file is
+    not copied). ``dtype`` None keeps the file's dtype.
 
     ``source``: the file the entries were memory-mapped from, if any; weights cast to another dtype or moved
     to another device then give back their file pages one at a time (:func:`release_file_pages`), so the
@@ -315,7 +341,7 @@ def build_model(
     weights = apply_ema(sorted_) if use_ema else sorted_.weights
     if not use_ema and sorted_.ema:
         sorted_.skipped["EMA copy (load it with use_ema)"] = list(sorted_.ema)
-    config, detected = resolve_config(weights, config)
+    config, how = resolve_config(weights, config, source)
     model = check_fit(weights, entries, config)
     model.load_state_dict(weights, strict=True, assign=True)
     release = (lambda tensor: release_file_pages(tensor, source)) if source is not None else None
@@ -324,7 +350,7 @@ def build_model(
             release(tensor)
     _cast(model, torch.device(device), dtype, release)
     model.eval().requires_grad_(False)
-    return LoadedModel(model=model, config=config, skipped=sorted_.skipped, detected=detected)
+    return LoadedModel(model=model, config=config, skipped=sorted_.skipped, config_source=how)
 
 
 def copied_text_entries(entries: Mapping[str, object], weights: Mapping[str, Tensor]) -> list[Tensor]:

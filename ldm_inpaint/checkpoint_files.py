@@ -6,11 +6,15 @@ loaded, what the file's metadata would make us read or allocate is bounded: the 
 may inflate a thousandfold), the safetensors header's size and its tensor count. A torch file is then loaded
 with ``torch.load(weights_only=True, mmap=True)`` after its pickle was scanned for code objects; pickled
 Lightning objects (callback states) become inert stand-ins, and any other code object is refused by name.
+
+Written files (``convert``) appear whole or not at all, and never over an existing file
+(:func:`write_checkpoint`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import struct
 import zipfile
@@ -19,9 +23,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from torch import Tensor
 
-from ldm_inpaint.errors import CheckpointError
+from ldm_inpaint.errors import CheckpointError, LdmInpaintError
+from ldm_inpaint.files import partial_path, write_new_text
 
 # The most a checkpoint's metadata may make us read: the pickle of a torch zip (SD's is ~0.2 MB, a
 # Lightning training checkpoint's a few MB), a safetensors header (SD's is ~0.1 MB), and the tensor count
@@ -188,3 +194,67 @@ def _torch_load(path: Path) -> object:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+OUTPUT_SUFFIXES = (".ckpt", ".safetensors")
+
+
+def check_destination(path: Path, with_config: bool = False) -> None:
+    """``path`` can be a new checkpoint file: a known suffix, not taken, in an existing folder; with
+    ``with_config``, its config's name (:func:`write_with_config`) is not taken either."""
+    if path.suffix not in OUTPUT_SUFFIXES:
+        raise LdmInpaintError(f"output {path}: expected a name ending in .ckpt or .safetensors")
+    if path.exists():
+        raise LdmInpaintError(f"output {path} already exists; it is never overwritten")
+    if with_config and path.with_suffix(".yaml").exists():
+        raise LdmInpaintError(
+            f"{path.with_suffix('.yaml')} already exists: it would be the new checkpoint's config and is "
+            "never overwritten; choose another output name"
+        )
+    if not path.parent.is_dir():
+        raise LdmInpaintError(f"output folder {path.parent} does not exist")
+
+
+def write_checkpoint(tensors: Mapping[str, Tensor], path: Path) -> None:
+    """Write ``tensors`` to ``path`` (format by suffix) through a hidden temporary file in the same folder,
+    hard-linked to ``path`` at the end: a crash leaves no partial ``path``, and ``os.link`` refuses an existing
+    name, so nothing is ever overwritten, even by a file that appeared meanwhile."""
+    temporary = partial_path(path)
+    try:
+        temporary.touch()
+        if path.suffix == ".safetensors":
+            # safetensors creates files readable by their owner only; keep the usual mode, as torch.save does
+            mode = temporary.stat().st_mode
+            save_file(
+                {key: value.contiguous() for key, value in tensors.items()}, temporary, {"format": "pt"}
+            )
+            temporary.chmod(mode)
+        else:
+            torch.save({"state_dict": dict(tensors)}, temporary)
+        os.link(temporary, path)
+    except FileExistsError:
+        raise LdmInpaintError(f"output {path} already exists; it is never overwritten") from None
+    except (OSError, RuntimeError, ValueError) as error:
+        raise LdmInpaintError(f"cannot write {path}: {error}") from error
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_with_config(tensors: Mapping[str, Tensor], path: Path, config_yaml: str | None) -> Path | None:
+    """:func:`write_checkpoint`, after ``config_yaml`` (if any) was written as ``path`` with ``.yaml``, which
+    is returned: the checkpoint never appears without its config, and the config of a checkpoint that was
+    not written is removed again."""
+    if config_yaml is None:
+        write_checkpoint(tensors, path)
+        return None
+    config_file = path.with_suffix(".yaml")
+    if not write_new_text(config_file, config_yaml):
+        raise LdmInpaintError(f"{config_file} already exists; it is never overwritten")
+    try:
+        write_checkpoint(tensors, path)
+    except BaseException:
+        config_file.unlink()
+        raise
+    return config_file

@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint file (.ckpt or .safetensors)")
     parser.add_argument(
-        "--config", help="YAML config (original schema); default: detected from the checkpoint"
+        "--config",
+        help="YAML config (original schema); default: the checkpoint's name with .yaml beside it if there is "
+        "one, else detected from the checkpoint",
     )
     parser.add_argument("--use-ema", action="store_true", help="load the file's model_ema.* copy instead")
     source = parser.add_mutually_exclusive_group()
@@ -231,8 +233,7 @@ def inpaint_main(argv: Sequence[str]) -> int:
             device=device,
             pack=can_pack(device, dtype) and not args.compile,
         )
-        how = "detected from the checkpoint" if loaded.detected else "given"
-        print(f"ldm-inpaint: config {loaded.config.name} ({how})", file=sys.stderr)
+        print(f"ldm-inpaint: config {loaded.config.name} ({loaded.config_source})", file=sys.stderr)
         for kind, keys in loaded.skipped.items():
             print(f"ldm-inpaint: skipped {len(keys)} {kind}", file=sys.stderr)
         pipeline = InpaintPipeline(loaded.model, compile=args.compile)

@@ -349,13 +349,20 @@ def _find_config(path: Path) -> Path | Traversable:
     )
 
 
-def load_config(path: str | Path) -> ModelConfig:
-    """Read a YAML config in the original schema. A bare name such as ``v1-inpainting-inference`` means the
-    bundled file in ``ldm_inpaint/configs/``."""
+def read_raw_config(path: str | Path) -> tuple[Any, str]:
+    """The parsed YAML of a config file or bundled name (see :func:`load_config`), not yet checked, and the
+    config's name (the file's stem)."""
     source = _find_config(Path(path))
     try:
         with source.open("r", encoding="utf-8") as file:
             raw = OmegaConf.to_container(OmegaConf.load(file), resolve=True)
     except Exception as error:  # omegaconf raises many types for malformed YAML
         raise ConfigError(f"{source}: not a readable YAML config ({error})") from error
-    return parse_config(raw, name=Path(source.name).stem)
+    return raw, Path(source.name).stem
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read a YAML config in the original schema. A bare name such as ``v1-inpainting-inference`` means the
+    bundled file in ``ldm_inpaint/configs/``."""
+    raw, name = read_raw_config(path)
+    return parse_config(raw, name=name)

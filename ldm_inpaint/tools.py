@@ -1,4 +1,5 @@
-"""Checkpoint tools: ``ldm-inpaint convert`` (format, dtype, EMA, pruning) and ``ldm-inpaint inspect``.
+"""Checkpoint tools: ``ldm-inpaint convert`` (format, dtype, EMA, pruning, inpaint-ifying) and ``ldm-inpaint
+inspect``.
 
 Both read a file through :mod:`ldm_inpaint.checkpoint` (safe reading, Lightning unwrapping, sorting of the
 entries, EMA naming, config detection) and check it with the loader's own strict checks. ``convert`` writes
@@ -12,21 +13,21 @@ original repositories, and it writes tensors only:
   the format would make ``.ckpt -> .safetensors -> .ckpt`` lossy;
 - ``--dtype`` converts floating tensors only, and never the 12 DDPM schedule buffers: they are the config's
   constants, rounding them moves the original code's sampling, and the loader's schedule cross-check refuses
-  bf16-rounded ones (relative error up to 2^-8) and fp16-rounded ones stored as fp32.
+  bf16-rounded ones (relative error up to 2^-8) and fp16-rounded ones stored as fp32;
+- ``--to-inpainting`` expands a text-to-image checkpoint to the 9-channel inpainting layout
+  (:mod:`ldm_inpaint.inpaintify`), writing its config beside it when the weights would not be detected as it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from ldm_inpaint.checkpoint import (
@@ -42,15 +43,20 @@ from ldm_inpaint.checkpoint import (
     sort_entries,
     to_file_layout,
 )
-from ldm_inpaint.checkpoint_files import read_checkpoint
+from ldm_inpaint.checkpoint_files import (
+    check_destination,
+    read_checkpoint,
+    write_checkpoint,
+    write_with_config,
+)
 from ldm_inpaint.command import Parser
 from ldm_inpaint.config import ModelConfig
 from ldm_inpaint.devices import PRECISIONS
 from ldm_inpaint.errors import CheckpointError, LdmInpaintError
-from ldm_inpaint.files import partial_path, remove_stale_partials, sha256_file
+from ldm_inpaint.files import remove_stale_partials, sha256_file
+from ldm_inpaint.inpaintify import INPAINTING_CHANNELS, inpaintify
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 
-OUTPUT_SUFFIXES = (".ckpt", ".safetensors")
 # Parameter-count groups of ``inspect``, by key prefix (our layout).
 COMPONENTS = {
     "UNet": "model.diffusion_model.",
@@ -69,8 +75,10 @@ class Conversion:
     path: Path
     sha256: str
     config: ModelConfig
-    detected: bool
+    config_source: str  # which config, how found
     left_out: dict[str, list[str]]
+    expanded: list[str] = field(default_factory=list)  # --to-inpainting: the keys expanded
+    config_file: Path | None = None  # --to-inpainting: the config written beside ``path``
 
 
 def select_entries(
@@ -124,40 +132,6 @@ def cast_floats(tensors: Mapping[str, Tensor], dtype: torch.dtype | None) -> dic
     }
 
 
-def _check_destination(path: Path) -> None:
-    if path.suffix not in OUTPUT_SUFFIXES:
-        raise LdmInpaintError(f"output {path}: expected a name ending in .ckpt or .safetensors")
-    if path.exists():
-        raise LdmInpaintError(f"output {path} already exists; it is never overwritten")
-    if not path.parent.is_dir():
-        raise LdmInpaintError(f"output folder {path.parent} does not exist")
-
-
-def write_checkpoint(tensors: Mapping[str, Tensor], path: Path) -> None:
-    """Write ``tensors`` to ``path`` (format by suffix) through a hidden temporary file in the same folder,
-    hard-linked to ``path`` at the end: a crash leaves no partial ``path``, and ``os.link`` refuses an existing
-    name, so nothing is ever overwritten, even by a file that appeared meanwhile."""
-    temporary = partial_path(path)
-    try:
-        temporary.touch()
-        if path.suffix == ".safetensors":
-            # safetensors creates files readable by their owner only; keep the usual mode, as torch.save does
-            mode = temporary.stat().st_mode
-            save_file(
-                {key: value.contiguous() for key, value in tensors.items()}, temporary, {"format": "pt"}
-            )
-            temporary.chmod(mode)
-        else:
-            torch.save({"state_dict": dict(tensors)}, temporary)
-        os.link(temporary, path)
-    except FileExistsError:
-        raise LdmInpaintError(f"output {path} already exists; it is never overwritten") from None
-    except (OSError, RuntimeError, ValueError) as error:
-        raise LdmInpaintError(f"cannot write {path}: {error}") from error
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def convert_checkpoint(
     source: str | Path,
     destination: str | Path,
@@ -166,16 +140,23 @@ def convert_checkpoint(
     use_ema: bool = False,
     prune: bool = False,
     config: str | Path | None = None,
+    to_inpainting: bool = False,
 ) -> Conversion:
     """Convert ``source`` into a new file ``destination`` (see the module docstring), checked strictly
-    against ``config`` (detected when None) before anything is written."""
+    against ``config`` (None: the YAML beside ``source``, else detected) before anything is written.
+    ``to_inpainting``: ``config`` is the source's, the result has its inpainting variant, whose YAML, when
+    written, is ``destination`` with the suffix ``.yaml``, never an existing file either."""
     source, destination = Path(source), Path(destination)
-    _check_destination(destination)
+    check_destination(destination, with_config=to_inpainting)
     remove_stale_partials(destination.parent)
     entries = read_checkpoint(source)
+    inpainting = None
     try:
+        if to_inpainting:
+            inpainting = inpaintify(entries, config, source, destination.stem)
+            entries, config = inpainting.entries, inpainting.config
         sorted_ = sort_entries(entries)
-        resolved, detected = resolve_config(sorted_.weights, config)
+        resolved, how = resolve_config(sorted_.weights, config, source)
         weights = apply_ema(sorted_) if use_ema else sorted_.weights
         check_fit(weights, entries, resolved)
         file_weights = to_file_layout(weights, resolved)
@@ -184,8 +165,14 @@ def convert_checkpoint(
         build_model(tensors, resolved)
     except CheckpointError as error:
         raise CheckpointError(f"{source}: {error}") from None
-    write_checkpoint(tensors, destination)
-    return Conversion(destination, sha256_file(destination), resolved, detected, left_out)
+    if inpainting is None:
+        write_checkpoint(tensors, destination)
+        return Conversion(destination, sha256_file(destination), resolved, how, left_out)
+    written = write_with_config(tensors, destination, inpainting.config_yaml)
+    sha256 = sha256_file(destination)
+    return Conversion(
+        destination, sha256, resolved, inpainting.config_source, left_out, inpainting.expanded, written
+    )
 
 
 def convert_main(argv: Sequence[str]) -> int:
@@ -204,7 +191,17 @@ def convert_main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--ema", action="store_true", help="put the EMA copy (model_ema.*) into model.*")
     parser.add_argument("--prune", action="store_true", help="keep only the inference weights + schedule")
-    parser.add_argument("--config", help="YAML config or bundled name (default: detected)")
+    parser.add_argument(
+        "--to-inpainting",
+        action="store_true",
+        help="expand a 4-channel text-to-image checkpoint to the 9-channel inpainting layout (new channels "
+        "zero, as the original fine-tunes began); its config is written as DST with .yaml when the weights "
+        "would not be detected as it (v models, custom configs)",
+    )
+    parser.add_argument(
+        "--config",
+        help="YAML config or bundled name of SRC (default: SRC's name with .yaml beside it, else detected)",
+    )
     args = parser.parse_args(argv)
     try:
         result = convert_checkpoint(
@@ -214,11 +211,19 @@ def convert_main(argv: Sequence[str]) -> int:
             use_ema=args.ema,
             prune=args.prune,
             config=args.config,
+            to_inpainting=args.to_inpainting,
         )
     except LdmInpaintError as error:
         return _fail(error)
-    how = "detected from the checkpoint" if result.detected else "given"
-    print(f"ldm-inpaint: config {result.config.name} ({how})", file=sys.stderr)
+    print(f"ldm-inpaint: config {result.config.name} ({result.config_source})", file=sys.stderr)
+    if result.expanded:
+        print(
+            f"ldm-inpaint: expanded to {INPAINTING_CHANNELS} input channels, the new ones zero: "
+            + preview_keys(result.expanded),
+            file=sys.stderr,
+        )
+    if result.config_file is not None:
+        print(f"ldm-inpaint: wrote its config {result.config_file}", file=sys.stderr)
     for reason, keys in result.left_out.items():
         print(f"ldm-inpaint: left out {len(keys)} {reason}: {preview_keys(keys)}", file=sys.stderr)
     print(f"{result.sha256}  {result.path}")
@@ -319,7 +324,7 @@ def inspect_checkpoint(path: str | Path, config: str | Path | None = None) -> Re
         schedule=unchecked,
     )
     try:
-        resolved, _ = resolve_config(sorted_.weights, config)
+        resolved, report.config_source = resolve_config(sorted_.weights, config, path)
     except CheckpointError as error:
         report.config_problem = str(error)
         return report

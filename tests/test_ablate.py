@@ -16,10 +16,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import ldm_inpaint.ablation.runner as runner
+from ldm_inpaint.ablation.cells import checkpoint_identity
 from ldm_inpaint.ablation.cli import ablate_main, build_parser
 from ldm_inpaint.ablation.draw import CAPTION_HEIGHT, FAILED_GRAY, GAP, HEADER_HEIGHT, LABEL_WIDTH
 from ldm_inpaint.ablation.results import COLUMNS, Results, mask_change
-from ldm_inpaint.ablation.study import build_study
+from ldm_inpaint.ablation.study import CheckpointRef, build_study
 from ldm_inpaint.config import load_config
 from ldm_inpaint.image_io import read_png_metadata
 from ldm_inpaint.models.unet import UNetModel
@@ -345,6 +346,17 @@ def test_spec_errors_stop_before_any_work(
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_config_beside_the_checkpoint_is_part_of_its_cells_identity(tmp_path: Path) -> None:
+    """The loader takes ``model.yaml`` beside ``model.ckpt`` when no config is given: so does the identity."""
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(b"weights")
+    detected = checkpoint_identity(CheckpointRef(path), use_ema=False)
+    (tmp_path / "model.yaml").write_bytes(TINY_CONFIGS["v2"].read_bytes())
+    beside = checkpoint_identity(CheckpointRef(path), use_ema=False)
+    given = checkpoint_identity(CheckpointRef(path, str(TINY_CONFIGS["v2"])), use_ema=False)
+    assert detected["config"] is None and beside == given
 
 
 def test_mask_change_measures_each_region() -> None:

@@ -21,14 +21,13 @@ from ldm_inpaint.checkpoint import (
     load_model,
     to_file_layout,
 )
-from ldm_inpaint.checkpoint_files import read_checkpoint
+from ldm_inpaint.checkpoint_files import read_checkpoint, write_checkpoint
 from ldm_inpaint.cli import main
 from ldm_inpaint.config import ModelConfig, load_config
 from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.files import sha256_file
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 from ldm_inpaint.random_weights import random_checkpoint
-from ldm_inpaint.tools import write_checkpoint
 
 from .conftest import FULL_CONFIGS, MANIFESTS, TINY_CONFIGS
 
@@ -336,7 +335,7 @@ def test_full_size_fp16_pruned_safetensors_is_detected_and_matches_the_manifest(
     }
     code, out, _ = run(capsys, "inspect", destination, "--json")
     report = json.loads(out)
-    assert report["config"] == config.name and report["config_source"] == "detected"
+    assert report["config"] == config.name and report["config_source"] == "detected from the checkpoint"
     assert report["parameters"] == expected_counts == report["config_parameters"]
     assert report["keys"]["ok"] and report["schedule"]["ok"]
     assert report["dtypes"] == {"float16": len(manifest) - len(SCHEDULE_KEYS), "float32": len(SCHEDULE_KEYS)}

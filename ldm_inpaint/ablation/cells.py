@@ -13,6 +13,7 @@ import yaml
 
 from ldm_inpaint import options
 from ldm_inpaint.ablation.study import CHECKPOINT, CheckpointRef, Pair, Study
+from ldm_inpaint.checkpoint import config_beside
 from ldm_inpaint.config import load_config
 from ldm_inpaint.files import sha256_file, write_new_text
 
@@ -29,12 +30,13 @@ class Cell:
     hash: str
 
 
-def _checkpoint_identity(ref: CheckpointRef, use_ema: bool) -> dict[str, object]:
-    """What identifies a checkpoint's results: its file's sha256, its config's contents (None: detected from
-    the weights, which the sha256 fixes), EMA."""
+def checkpoint_identity(ref: CheckpointRef, use_ema: bool) -> dict[str, object]:
+    """What identifies a checkpoint's results: its file's sha256, its config's contents (the given one, else
+    the YAML beside the file; None: detected from the weights, which the sha256 fixes), EMA."""
     config = None
-    if ref.config is not None:
-        config = {key: value for key, value in asdict(load_config(ref.config)).items() if key != "name"}
+    reference = ref.config if ref.config is not None else config_beside(ref.path)
+    if reference is not None:
+        config = {key: value for key, value in asdict(load_config(reference)).items() if key != "name"}
     return {"sha256": sha256_file(ref.path), "config": config, "use_ema": use_ema}
 
 
@@ -48,8 +50,8 @@ def expand(study: Study, precision: str) -> list[Cell]:
     """Every cell of the study, grouped by checkpoint (in axis order), then by pair, then in sweep order."""
     cells = []
     for ref in study.checkpoints:
-        checkpoint_identity = _checkpoint_identity(ref, study.use_ema)
-        sha256 = checkpoint_identity["sha256"]
+        checkpoint = checkpoint_identity(ref, study.use_ema)
+        sha256 = checkpoint["sha256"]
         for pair in study.pairs:
             for position in itertools.product(*study.sweep.values()):
                 values = dict(zip(study.sweep, position, strict=True))
@@ -60,7 +62,7 @@ def expand(study: Study, precision: str) -> list[Cell]:
                 }
                 identity = {
                     "parameters": parameters,
-                    "checkpoint": checkpoint_identity,
+                    "checkpoint": checkpoint,
                     "pair": pair.identity,
                     "precision": precision,
                 }

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config",
         action="append",
-        help="YAML config for all checkpoints, or one per --ckpt (default: detected)",
+        help="YAML config for all checkpoints, or one per --ckpt (default: the YAML beside each checkpoint, "
+        "else detected)",
     )
     parser.add_argument("--use-ema", action=argparse.BooleanOptionalAction, help="load the model_ema.* copy")
     parser.add_argument(

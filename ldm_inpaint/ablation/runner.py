@@ -97,8 +97,9 @@ class Runner:
                 self.record(self.base_row(cell), error=f"cannot load the checkpoint: {error}")
                 bar.update(1)
             return
-        how = "detected from the checkpoint" if loaded.detected else "given"
-        bar.write(f"{PROG}: {ref.path.name}: config {loaded.config.name} ({how})", file=sys.stderr)
+        bar.write(
+            f"{PROG}: {ref.path.name}: config {loaded.config.name} ({loaded.config_source})", file=sys.stderr
+        )
         pipeline = InpaintPipeline(loaded.model)
         for cell in cells:
             bar.set_postfix_str(f"{cell.pair.name} {cell.hash}")
