@@ -243,6 +243,9 @@ class LoadedModel:
     config_source: str  # how the config was found, see resolve_config
 
 
+DETECTED = "detected from the checkpoint"  # how a config was found, when nothing named it
+
+
 def config_beside(checkpoint: str | Path) -> Path | None:
     """The config that AUTOMATIC1111's convention puts beside a checkpoint, if that file exists: the same
     name with the suffix ``.yaml`` (``model.safetensors`` -> ``model.yaml``)."""
@@ -263,7 +266,7 @@ def config_reference(
     beside = config_beside(checkpoint) if checkpoint is not None else None
     if beside is not None:
         return beside, f"{beside.name} beside the checkpoint"
-    return detect_config(weights), "detected from the checkpoint"
+    return detect_config(weights), DETECTED
 
 
 def resolve_config(

@@ -217,10 +217,11 @@ def check_destination(path: Path, with_config: bool = False) -> None:
         raise LdmInpaintError(f"output folder {path.parent} does not exist")
 
 
-def write_checkpoint(tensors: Mapping[str, Tensor], path: Path) -> None:
+def write_checkpoint(tensors: Mapping[str, Tensor], path: Path, *, replace: bool = False) -> None:
     """Write ``tensors`` to ``path`` (format by suffix) through a hidden temporary file in the same folder,
     hard-linked to ``path`` at the end: a crash leaves no partial ``path``, and ``os.link`` refuses an existing
-    name, so nothing is ever overwritten, even by a file that appeared meanwhile."""
+    name, so nothing is ever overwritten, even by a file that appeared meanwhile. ``replace``: the new file
+    takes the place of an existing one in one step (a training run's ``last.ckpt``)."""
     temporary = partial_path(path)
     try:
         temporary.touch()
@@ -233,7 +234,7 @@ def write_checkpoint(tensors: Mapping[str, Tensor], path: Path) -> None:
             temporary.chmod(mode)
         else:
             torch.save({"state_dict": dict(tensors)}, temporary)
-        os.link(temporary, path)
+        (os.replace if replace else os.link)(temporary, path)
     except FileExistsError:
         raise LdmInpaintError(f"output {path} already exists; it is never overwritten") from None
     except (OSError, RuntimeError, ValueError) as error:

@@ -39,7 +39,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "convert a checkpoint (dtype, EMA, .ckpt <-> .safetensors)",
     ),
     "inspect": ("ldm_inpaint.tools", "inspect_main", "report what a checkpoint holds and whether it loads"),
-    "train": ("ldm_inpaint.training.cli", "train_main", "fine-tune a checkpoint or train LoRA adapters (torchrun too)"),
+    "train": (
+        "ldm_inpaint.training.cli",
+        "train_main",
+        "fine-tune a checkpoint or train LoRA adapters (torchrun too)",
+    ),
 }
 
 

@@ -21,7 +21,13 @@ from tests.conftest import TINY_CONFIGS
 from tests.training_data import make_checkpoint, make_folder
 
 RECIPE = BatchRecipe(
-    seed=3, batch_size=4, masks="lama-thick", p_full_mask=0.25, p_drop_text=0.1, timesteps=1000, latent_shape=(4, 8, 8)
+    seed=3,
+    batch_size=4,
+    masks="lama-thick",
+    p_full_mask=0.25,
+    p_drop_text=0.1,
+    timesteps=1000,
+    latent_shape=(4, 8, 8),
 )
 
 
@@ -38,7 +44,9 @@ def test_ema_follows_litema() -> None:
         torch.testing.assert_close(ema.shadow["w"], expected, rtol=0, atol=0)
     entries = ema.file_entries("diffusion_model.")
     assert set(entries) == {"model_ema.diffusion_modelw", "model_ema.decay", "model_ema.num_updates"}
-    assert entries["model_ema.num_updates"].item() == 5 and entries["model_ema.num_updates"].dtype == torch.int32
+    assert (
+        entries["model_ema.num_updates"].item() == 5 and entries["model_ema.num_updates"].dtype == torch.int32
+    )
     ema.swap()
     torch.testing.assert_close(param.data, expected, rtol=0, atol=0)
     ema.swap()
@@ -75,14 +83,18 @@ def test_min_snr_weight_turns_each_target_into_a_clipped_x0_loss() -> None:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> ImageFolder:
-    return ImageFolder(make_folder(tmp_path_factory.mktemp("data") / "images"), resolution=64, with_masks=False)
+    return ImageFolder(
+        make_folder(tmp_path_factory.mktemp("data") / "images"), resolution=64, with_masks=False
+    )
 
 
 def test_a_sample_does_not_depend_on_the_split_of_the_batch(folder: ImageFolder) -> None:
     whole = make_batch(folder, RECIPE, 7, range(4))
     halves = [make_batch(folder, RECIPE, 7, indices) for indices in (range(2, 4), range(0, 2))]
     for name in ("image", "mask", "timesteps", "noise"):
-        assert torch.equal(getattr(whole, name), torch.cat([getattr(halves[1], name), getattr(halves[0], name)]))
+        assert torch.equal(
+            getattr(whole, name), torch.cat([getattr(halves[1], name), getattr(halves[0], name)])
+        )
     assert whole.captions == halves[1].captions + halves[0].captions
     other_step = make_batch(folder, RECIPE, 8, range(4))
     assert not torch.equal(whole.noise, other_step.noise)
@@ -120,7 +132,9 @@ def test_the_loss_is_the_original_objective(tmp_path, folder: ImageFolder) -> No
     model = load_model(make_checkpoint(tmp_path / "m.ckpt"), TINY_CONFIGS["v1"]).model
     batch = make_batch(folder, RECIPE, 0, range(2))
     tokens = torch.zeros(2, 77, dtype=torch.long)
-    losses = sample_losses(model, model.model.diffusion_model, batch, torch.linspace(0.99, 0.01, 1000), lambda _: tokens)
+    losses = sample_losses(
+        model, model.model.diffusion_model, batch, torch.linspace(0.99, 0.01, 1000), lambda _: tokens
+    )
     vae, sf = model.first_stage_model, model.config.scale_factor
     x0 = vae.encode(batch.image).mean * sf
     masked = vae.encode(batch.image * (batch.mask < 0.5)).mean * sf

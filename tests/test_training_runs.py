@@ -40,14 +40,17 @@ def unet_weights(path) -> dict[str, torch.Tensor]:
 
 def assert_same_training(run_a, run_b, init: dict) -> None:
     rows_a, rows_b = (
-        [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (run_a, run_b)
+        [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for run in (run_a, run_b)
     )
     for a, b in zip(rows_a, rows_b, strict=True):
         for name in ("loss", "grad_norm"):
             assert a[name] == pytest.approx(b[name], rel=SPLIT_TOLERANCE), (a, b)
     a, b = unet_weights(run_a / "last.ckpt"), unet_weights(run_b / "last.ckpt")
     state = torch.load(run_a / STATE_FILE, weights_only=True)
-    second_moments = dict(zip(state["trained"], (s["exp_avg_sq"] for s in state["optimizer"]["state"].values()), strict=True))
+    second_moments = dict(
+        zip(state["trained"], (s["exp_avg_sq"] for s in state["optimizer"]["state"].values()), strict=True)
+    )
     moved = {k: second_moments[k.removeprefix("model.diffusion_model.")].sqrt() > ADAM_EPS for k in a}
     change = torch.cat([(a[k] - init[k])[moved[k]] for k in a]).norm()
     difference = torch.cat([(a[k] - b[k])[moved[k]] for k in a]).norm()
@@ -56,16 +59,25 @@ def assert_same_training(run_a, run_b, init: dict) -> None:
 
 def test_a_run_writes_original_layout_checkpoints_metrics_and_grids(files, tmp_path) -> None:
     run = tmp_path / "run"
-    args = train_args(files["ckpt"], files["data"], run, steps=2, **{"save-every": 1, "sample-every": 2, "safetensors": True})
+    args = train_args(
+        files["ckpt"],
+        files["data"],
+        run,
+        steps=2,
+        **{"save-every": 1, "sample-every": 2, "safetensors": True},
+    )
     assert main(["train", *args]) == 0
     assert sorted(p.name for p in run.iterdir()) == [
-        "last.ckpt", "last.safetensors", "metrics.jsonl", "samples", "settings.json", "state",
-        "step-0000001.ckpt", "step-0000001.safetensors", "step-0000002.ckpt", "step-0000002.safetensors",
+        "last.ckpt", "last.safetensors", "last.yaml", "metrics.jsonl", "samples", "settings.json", "state",
+        "step-0000001.ckpt", "step-0000001.safetensors", "step-0000001.yaml",
+        "step-0000002.ckpt", "step-0000002.safetensors", "step-0000002.yaml",
     ]  # fmt: skip
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
     assert set(rows[0]) == {"step", "loss", "lr", "grad_norm", "samples_per_s", "peak_memory_gib"}
-    assert rows[0]["lr"] == pytest.approx(1e-3 * 1e-6) and rows[1]["lr"] == pytest.approx(1e-3 * (0.5 + 0.5e-6))
+    assert rows[0]["lr"] == pytest.approx(1e-3 * 1e-6) and rows[1]["lr"] == pytest.approx(
+        1e-3 * (0.5 + 0.5e-6)
+    )
     assert (run / "samples" / "step-0000002.png").is_file()
     entries = read_checkpoint(run / "last.ckpt")
     assert torch.equal(entries["model_ema.num_updates"], torch.tensor(2, dtype=torch.int32))
@@ -111,8 +123,13 @@ def test_accumulation_and_processes_give_the_same_training(files, tmp_path) -> N
 def test_a_v_model_trains_on_the_v_target(files, tmp_path) -> None:
     ckpt = make_checkpoint(tmp_path / "v.ckpt", TINY_V)
     run = tmp_path / "v"
-    assert main(["train", *train_args(ckpt, files["data"], run, config=TINY_V, steps=1, **{"ema-decay": 0})]) == 0
+    assert (
+        main(["train", *train_args(ckpt, files["data"], run, config=TINY_V, steps=1, **{"ema-decay": 0})])
+        == 0
+    )
     assert not any(k.startswith("model_ema.") for k in read_checkpoint(run / "last.ckpt"))
+    loaded = load_model(run / "last.ckpt")  # through last.yaml, written beside it
+    assert loaded.config.parameterization == "v" and loaded.config_source == "last.yaml beside the checkpoint"
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,9 @@ def make_checkpoint(path: Path, config: Path = TINY_CONFIGS["v1"], seed: int = 0
     return path
 
 
-def train_args(ckpt: Path, data: Path, out: Path, config: Path = TINY_CONFIGS["v1"], **changes: object) -> list[str]:
+def train_args(
+    ckpt: Path, data: Path, out: Path, config: Path = TINY_CONFIGS["v1"], **changes: object
+) -> list[str]:
     """Command-line arguments of a tiny run (64 px, 4 samples per step in 2 micro-batches, no grids)."""
     settings = {
         "ckpt": ckpt,

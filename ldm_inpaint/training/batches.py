@@ -58,7 +58,9 @@ class BatchRecipe:
     latent_shape: tuple[int, int, int]
 
 
-def draw_sample(data: ImageFolder, recipe: BatchRecipe, step: int, index: int) -> tuple[Tensor, Tensor, str, int, Tensor]:
+def draw_sample(
+    data: ImageFolder, recipe: BatchRecipe, step: int, index: int
+) -> tuple[Tensor, Tensor, str, int, Tensor]:
     """Sample ``index`` of step ``step``: (image, binary mask, caption, timestep, noise). The order of the
     draws is fixed: crop, full-mask coin, mask, caption coin, timestep, noise."""
     rng = keyed_rng(recipe.seed, step, index)
@@ -81,7 +83,9 @@ def draw_sample(data: ImageFolder, recipe: BatchRecipe, step: int, index: int) -
 
 def make_batch(data: ImageFolder, recipe: BatchRecipe, step: int, indices: Sequence[int]) -> Batch:
     """The samples ``indices`` of the global batch of ``step``, stacked."""
-    images, masks, captions, timesteps, noises = zip(*(draw_sample(data, recipe, step, i) for i in indices), strict=True)
+    images, masks, captions, timesteps, noises = zip(
+        *(draw_sample(data, recipe, step, i) for i in indices), strict=True
+    )
     return Batch(
         image=torch.stack(images),
         mask=torch.stack(masks),

@@ -10,7 +10,8 @@ from pathlib import Path
 from ldm_inpaint.command import EXIT_BAD_INPUT, Parser
 from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.files import write_new_text
-from ldm_inpaint.training import distributed, loop, outputs, settings as run_settings
+from ldm_inpaint.training import distributed, loop, outputs
+from ldm_inpaint.training import settings as run_settings
 from ldm_inpaint.training.settings import SETTINGS_FILE, SettingsError, TrainSettings
 
 
@@ -21,7 +22,9 @@ def build_parser() -> Parser:
         "process or many (torchrun --nproc-per-node N -m ldm_inpaint train ...). Writes RUN/last.ckpt in the "
         "original layout, RUN/metrics.jsonl, sample grids and a resume state.",
     )
-    parser.add_argument("--resume", type=Path, help="continue this run folder up to --steps, with its settings")
+    parser.add_argument(
+        "--resume", type=Path, help="continue this run folder up to --steps, with its settings"
+    )
     run_settings.add_arguments(parser)
     return parser
 
@@ -35,12 +38,16 @@ def _start(args: object, world: distributed.World) -> tuple[TrainSettings, Path,
     settings = run_settings.new_settings(args)
     settings.check(world.size)
     if settings.ckpt is None:
-        raise SettingsError("--ckpt is required: the checkpoint to start from (ldm-inpaint convert "
-                            "--to-inpainting makes one from a text-to-image checkpoint)")
+        raise SettingsError(
+            "--ckpt is required: the checkpoint to start from (ldm-inpaint convert "
+            "--to-inpainting makes one from a text-to-image checkpoint)"
+        )
     run = Path(settings.out)
     if world.is_main:
         if run.exists():
-            raise SettingsError(f"--out {run} already exists; a run folder is never overwritten (use --resume {run})")
+            raise SettingsError(
+                f"--out {run} already exists; a run folder is never overwritten (use --resume {run})"
+            )
         run.mkdir(parents=True)
         write_new_text(run / SETTINGS_FILE, run_settings.to_json(settings))
     return settings, run, False

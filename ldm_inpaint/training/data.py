@@ -89,7 +89,11 @@ def scan(folder: str | Path, with_masks: bool) -> list[Example]:
         if path.suffix.lower() not in IMAGE_EXTENSIONS or path.stem.endswith(MASK_SUFFIX):
             continue
         caption_file = path.with_suffix(".txt")
-        caption = caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file.is_file() else ""
+        caption = (
+            caption_file.read_text(encoding="utf-8", errors="replace").strip()
+            if caption_file.is_file()
+            else ""
+        )
         examples.append(Example(path, table.get(path.name, caption), masks.get(path.stem)))
     if not examples:
         raise DataError(f"--data {folder}: no image files found (extensions: {', '.join(IMAGE_EXTENSIONS)})")
@@ -112,7 +116,9 @@ def crop_box(height: int, width: int, resolution: int, rng: np.random.Generator)
     return (*resized, top, left)
 
 
-def _cropped(image: Image.Image, box: tuple[int, int, int, int], resolution: int, resample: int) -> Image.Image:
+def _cropped(
+    image: Image.Image, box: tuple[int, int, int, int], resolution: int, resample: int
+) -> Image.Image:
     height, width, top, left = box
     return image.resize((width, height), resample).crop((left, top, left + resolution, top + resolution))
 
@@ -150,6 +156,8 @@ class ImageFolder:
         if example.mask is not None:
             mask_file = load_image(example.mask)
             if mask_file.size != image.size:
-                raise ImageError(f"{example.mask}: mask is {mask_file.size}, its image {image.size}; expected the same size")
+                raise ImageError(
+                    f"{example.mask}: mask is {mask_file.size}, its image {image.size}; expected the same size"
+                )
             mask = mask_to_tensor(_cropped(mask_file, box, self.resolution, Image.NEAREST))[0]
         return pixels.to(torch.float32), mask, example.caption

@@ -50,7 +50,8 @@ class Ema:
     def file_entries(self, prefix: str) -> dict[str, Tensor]:
         """``model_ema.<prefix + name without dots>`` for every shadow, plus the decay and update count."""
         entries = {
-            "model_ema." + (prefix + name).replace(".", ""): shadow.clone() for name, shadow in self.shadow.items()
+            "model_ema." + (prefix + name).replace(".", ""): shadow.clone()
+            for name, shadow in self.shadow.items()
         }
         entries["model_ema.decay"] = torch.tensor(self.decay, dtype=torch.float32)
         entries["model_ema.num_updates"] = torch.tensor(self.num_updates, dtype=torch.int32)
@@ -62,7 +63,9 @@ class Ema:
     def load_state_dict(self, state: dict[str, object]) -> None:
         shadow = state["shadow"]
         if set(shadow) != set(self.shadow):
-            raise ValueError("the resume state's EMA does not hold the weights of this run's trainable parameters")
+            raise ValueError(
+                "the resume state's EMA does not hold the weights of this run's trainable parameters"
+            )
         self.decay = float(state["decay"])
         self.num_updates = int(state["num_updates"])
         self.shadow = {name: tensor.float().clone() for name, tensor in shadow.items()}

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ldm_inpaint.checkpoint import load_model
+from ldm_inpaint.checkpoint import DETECTED, config_beside, load_model
+from ldm_inpaint.config import read_raw_config
 from ldm_inpaint.devices import PRECISIONS
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 from ldm_inpaint.pipeline import InpaintPipeline
@@ -61,6 +63,7 @@ class Trainer:
     data: ImageFolder
     recipe: BatchRecipe
     alphas_cumprod: Tensor
+    config_yaml: str | None  # written beside each checkpoint when the config is not detected from the weights
     step: int = 0
 
     def tokenize(self, captions: list[str]) -> Tensor:
@@ -151,6 +154,10 @@ def build(settings: TrainSettings, world: distributed.World) -> Trainer:
     """Model, data, optimizer and EMA of a run, at step 0."""
     loaded = load_model(settings.ckpt, settings.config, dtype=torch.float32, device=world.device)
     model = loaded.model
+    config_yaml = None
+    if loaded.config_source != DETECTED:
+        raw, _ = read_raw_config(settings.config or config_beside(settings.ckpt))
+        config_yaml = yaml.safe_dump(raw, sort_keys=False)
     unet = model.model.diffusion_model
     unet.requires_grad_(True).train()
     unet.checkpointing = settings.grad_checkpointing
@@ -160,7 +167,9 @@ def build(settings: TrainSettings, world: distributed.World) -> Trainer:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(settings.warmup))
     ema = None
     if settings.ema_decay:
-        ema = Ema(((name, p) for name, p in trained.named_parameters() if p.requires_grad), settings.ema_decay)
+        ema = Ema(
+            ((name, p) for name, p in trained.named_parameters() if p.requires_grad), settings.ema_decay
+        )
     data = ImageFolder(settings.data, settings.resolution, settings.masks == "files")
     factor = 2 ** (len(model.config.autoencoder.ch_mult) - 1)
     latent_side = settings.resolution // factor
@@ -186,6 +195,7 @@ def build(settings: TrainSettings, world: distributed.World) -> Trainer:
         data=data,
         recipe=recipe,
         alphas_cumprod=alphas_cumprod(model.config.schedule).float().to(world.device),
+        config_yaml=config_yaml,
     )
 
 
@@ -195,7 +205,12 @@ def train(trainer: Trainer, run: Path) -> None:
     pipe = InpaintPipeline(trainer.model)
     validation = samples.validation_set(trainer.data, settings.seed, settings.masks)
     bar = tqdm(
-        total=settings.steps, initial=trainer.step, desc="train", unit="step", disable=not world.is_main, dynamic_ncols=True
+        total=settings.steps,
+        initial=trainer.step,
+        desc="train",
+        unit="step",
+        disable=not world.is_main,
+        dynamic_ncols=True,
     )
     while trainer.step < settings.steps:
         metrics = trainer.train_step()
@@ -210,7 +225,14 @@ def train(trainer: Trainer, run: Path) -> None:
         if settings.sample_every and (last or step % settings.sample_every == 0):
             if world.is_main:
                 trainer.trained.eval()
-                samples.write_grid(run / "samples" / f"step-{step:07d}.png", pipe, validation, trainer.ema, settings.seed, step)
+                samples.write_grid(
+                    run / "samples" / f"step-{step:07d}.png",
+                    pipe,
+                    validation,
+                    trainer.ema,
+                    settings.seed,
+                    step,
+                )
                 trainer.trained.train()
             distributed.barrier(world)
     bar.close()
@@ -220,6 +242,9 @@ def save(trainer: Trainer, run: Path) -> None:
     """Checkpoint and resume state (rank 0), then every process goes on."""
     if trainer.world.is_main:
         entries = outputs.checkpoint_entries(trainer.model, trainer.ema)
-        outputs.save_checkpoint(run, entries, trainer.step, trainer.settings.save_every, trainer.settings.safetensors)
+        settings = trainer.settings
+        outputs.save_checkpoint(
+            run, entries, trainer.step, settings.save_every, settings.safetensors, trainer.config_yaml
+        )
         outputs.save_state(run, trainer.state())
     distributed.barrier(trainer.world)

@@ -31,7 +31,9 @@ def min_snr_weight(alpha_bar: Tensor, gamma: float, parameterization: str) -> Te
 
 
 @torch.no_grad()
-def frozen_inputs(model: LatentDiffusion, batch: Batch, tokenize: Callable[[list[str]], Tensor]) -> tuple[Tensor, Tensor | None, Tensor]:
+def frozen_inputs(
+    model: LatentDiffusion, batch: Batch, tokenize: Callable[[list[str]], Tensor]
+) -> tuple[Tensor, Tensor | None, Tensor]:
     """What the frozen parts give the UNet: the clean latents x0, the concat conditioning (None for a
     text-to-image UNet) and the text context."""
     device, dtype = model.device, model.dtype
@@ -42,7 +44,9 @@ def frozen_inputs(model: LatentDiffusion, batch: Batch, tokenize: Callable[[list
         return encode_latent(vae, pixels, scale_factor)
 
     x0 = encode(image)
-    concat = inpainting_concat(encode, image, mask, tuple(x0.shape[-2:])) if model.config.is_inpainting else None
+    concat = (
+        inpainting_concat(encode, image, mask, tuple(x0.shape[-2:])) if model.config.is_inpainting else None
+    )
     context = model.cond_stage_model(tokenize(batch.captions).to(device))
     return x0, concat, context
 

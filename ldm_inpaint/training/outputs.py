@@ -5,6 +5,8 @@
   ``cond_stage_model.*`` (SD1's text encoder in transformers' names), the 12 DDPM buffers, and with EMA on
   ``model_ema.*`` in LitEma's names with ``model_ema.decay`` / ``model_ema.num_updates`` — the file the original
   repositories load (``--use-ema`` here loads the EMA copy). ``.safetensors`` twins with ``--safetensors``.
+  When the model's config cannot be detected from the weights (a v model, a custom or tiny config), each
+  checkpoint gets its config beside it (``last.yaml``, ``step-NNNNNNN.yaml``), which the loader reads.
 - ``state/trainer.pt``: step, trained weights, optimizer, EMA and loss-scaler state; enough to continue
   exactly (every random draw is keyed by step, see :mod:`.batches`).
 - ``metrics.jsonl``: one JSON row per optimizer step.
@@ -20,10 +22,10 @@ import torch
 from torch import Tensor
 
 from ldm_inpaint.checkpoint import to_file_layout
-from ldm_inpaint.files import replace_text, write_atomic
+from ldm_inpaint.checkpoint_files import write_checkpoint
+from ldm_inpaint.files import replace_text, write_atomic, write_new_text
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 from ldm_inpaint.schedule import ddpm_buffers
-from ldm_inpaint.tools import write_checkpoint
 from ldm_inpaint.training.ema import Ema
 from ldm_inpaint.training.settings import SettingsError
 
@@ -42,16 +44,24 @@ def checkpoint_entries(model: LatentDiffusion, ema: Ema | None) -> dict[str, Ten
     return entries
 
 
-def save_checkpoint(run: Path, entries: Mapping[str, Tensor], step: int, every: int, safetensors: bool) -> list[Path]:
-    """Write ``last.ckpt`` (replacing the previous one) and, on a ``every``-th step, ``step-NNNNNNN.ckpt``."""
-    suffixes = (".ckpt", ".safetensors") if safetensors else (".ckpt",)
+def save_checkpoint(
+    run: Path,
+    entries: Mapping[str, Tensor],
+    step: int,
+    every: int,
+    safetensors: bool,
+    config_yaml: str | None,
+) -> list[Path]:
+    """Write ``last.ckpt`` (replacing the previous one) and, on a ``every``-th step, ``step-NNNNNNN.ckpt``; each
+    with ``config_yaml`` beside it when given (written before the checkpoint, so none is ever without it)."""
+    names = ["last"] + ([f"step-{step:07d}"] if every and step % every == 0 else [])
     written = []
-    for suffix in suffixes:
-        write_checkpoint(entries, run / f"last{suffix}", replace=True)
-        written.append(run / f"last{suffix}")
-        if every and step % every == 0:
-            write_checkpoint(entries, run / f"step-{step:07d}{suffix}")
-            written.append(run / f"step-{step:07d}{suffix}")
+    for name in names:
+        if config_yaml is not None:
+            write_new_text(run / f"{name}.yaml", config_yaml)
+        for suffix in (".ckpt", ".safetensors") if safetensors else (".ckpt",):
+            write_checkpoint(entries, run / f"{name}{suffix}", replace=name == "last")
+            written.append(run / f"{name}{suffix}")
     return written
 
 
@@ -65,7 +75,9 @@ def save_state(run: Path, state: Mapping[str, object]) -> None:
 def load_state(run: Path, device: torch.device) -> dict[str, object]:
     path = run / STATE_FILE
     if not path.is_file():
-        raise SettingsError(f"--resume {run}: no {STATE_FILE} there (the run saved no state yet; see --save-every)")
+        raise SettingsError(
+            f"--resume {run}: no {STATE_FILE} there (the run saved no state yet; see --save-every)"
+        )
     return torch.load(path, map_location=device, weights_only=True)
 
 

@@ -40,12 +40,20 @@ def validation_set(data: ImageFolder, seed: int, masks: str) -> list[tuple[Tenso
 
 
 def write_grid(
-    path: Path, pipe: InpaintPipeline, samples: list[tuple[Tensor, Tensor, str]], ema: Ema | None, seed: int, step: int
+    path: Path,
+    pipe: InpaintPipeline,
+    samples: list[tuple[Tensor, Tensor, str]],
+    ema: Ema | None,
+    seed: int,
+    step: int,
 ) -> None:
     """One row per validation sample: the masked input, the current weights' result, the EMA weights' one."""
     columns = ["masked input", "current"] + (["EMA"] if ema is not None else [])
-    rows = [[(image_io.tensor_to_pil(mask_image(image, mask))[0], (caption[:40], ""), "")] for image, mask, caption in samples]
-    for swapped in ([False, True] if ema is not None else [False]):
+    rows = [
+        [(image_io.tensor_to_pil(mask_image(image, mask))[0], (caption[:40], ""), "")]
+        for image, mask, caption in samples
+    ]
+    for swapped in [False, True] if ema is not None else [False]:
         if swapped:
             ema.swap()
         try:
@@ -59,6 +67,12 @@ def write_grid(
             if swapped:
                 ema.swap()
     side = samples[0][0].shape[-1]
-    grid = draw_grid(f"step {step}", ("sample", [str(i) for i in range(len(rows))]), ("weights", columns), rows, (side, side))
+    grid = draw_grid(
+        f"step {step}",
+        ("sample", [str(i) for i in range(len(rows))]),
+        ("weights", columns),
+        rows,
+        (side, side),
+    )
     path.parent.mkdir(exist_ok=True)
     image_io.write_png(grid, path, {"step": str(step)})

@@ -31,7 +31,9 @@ def _option(default: object, help: str, **metadata: object) -> object:  # noqa: 
 class TrainSettings:
     """Every setting of a run. Paths are stored as strings so that the settings are JSON."""
 
-    data: str = _option(None, "folder of training images (captions X.txt or captions.jsonl/.csv; masks X_mask.png)")
+    data: str = _option(
+        None, "folder of training images (captions X.txt or captions.jsonl/.csv; masks X_mask.png)"
+    )
     out: str = _option(None, "run folder to create (never overwritten)")
     steps: int = _option(None, "total number of optimizer steps of the run")
     batch_size: int = _option(None, "global batch per optimizer step, split over processes and accumulation")
@@ -41,9 +43,13 @@ class TrainSettings:
     resolution: int = _option(512, "training crop side in pixels (short side resized to it, random crop)")
     grad_accum: int = _option(1, "micro-batches accumulated per optimizer step")
     ema_decay: float = _option(0.9999, "EMA decay (LitEma warm-up); 0 turns EMA off")
-    precision: str = _option("fp32", "fp32, or bf16 autocast, or fp16 autocast with a loss scaler", choices=tuple(PRECISIONS))
+    precision: str = _option(
+        "fp32", "fp32, or bf16 autocast, or fp16 autocast with a loss scaler", choices=tuple(PRECISIONS)
+    )
     grad_checkpointing: bool = _option(False, "recompute UNet activations in the backward pass (less memory)")
-    masks: str = _option("sd-large", "mask generator, or 'files' (X_mask.png beside each image)", choices=MASK_SOURCES)
+    masks: str = _option(
+        "sd-large", "mask generator, or 'files' (X_mask.png beside each image)", choices=MASK_SOURCES
+    )
     p_full_mask: float = _option(0.25, "probability that a sample's mask is the whole image")
     p_drop_text: float = _option(0.1, "probability that a caption is replaced by the empty prompt")
     warmup: int = _option(2500, "linear warm-up steps of the learning rate (the SD1 inpainting recipe)")
@@ -51,11 +57,15 @@ class TrainSettings:
     grad_clip: float = _option(1.0, "clip the gradient norm to this (0: no clipping)")
     weight_decay: float = _option(0.01, "AdamW weight decay")
     seed: int = _option(0, "seed of every random draw (crops, masks, caption dropout, t, noise)")
-    save_every: int = _option(1000, "save last.ckpt, the resume state and a kept step-N.ckpt every N steps (0: at the end only)")
+    save_every: int = _option(
+        1000, "save last.ckpt, the resume state and a kept step-N.ckpt every N steps (0: at the end only)"
+    )
     sample_every: int = _option(500, "write a sample grid every N steps and at the end (0: none)")
     lora: int | None = _option(None, "train LoRA adapters of this rank instead of the UNet")
     safetensors: bool = _option(False, "also write each checkpoint as .safetensors")
-    device: str | None = _option(None, "cpu, cuda or cuda:N (default: cuda when available; torchrun: the local rank)")
+    device: str | None = _option(
+        None, "cpu, cuda or cuda:N (default: cuda when available; torchrun: the local rank)"
+    )
 
     def check(self, world_size: int = 1) -> None:
         """SettingsError unless the run can start on ``world_size`` processes."""
@@ -65,10 +75,14 @@ class TrainSettings:
         positive = ("steps", "batch_size", "lr", "resolution", "grad_accum")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise SettingsError(f"--{name.replace('_', '-')} must be positive, found {getattr(self, name)}")
+                raise SettingsError(
+                    f"--{name.replace('_', '-')} must be positive, found {getattr(self, name)}"
+                )
         for name in ("p_full_mask", "p_drop_text"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise SettingsError(f"--{name.replace('_', '-')} must be in [0, 1], found {getattr(self, name)}")
+                raise SettingsError(
+                    f"--{name.replace('_', '-')} must be in [0, 1], found {getattr(self, name)}"
+                )
         if not (self.ema_decay == 0 or 0 < self.ema_decay < 1):
             raise SettingsError(f"--ema-decay must be 0 (off) or in (0, 1), found {self.ema_decay}")
         for name in ("warmup", "save_every", "sample_every", "seed"):
@@ -122,7 +136,9 @@ def resumed_settings(run: Path, args: argparse.Namespace) -> TrainSettings:
     the command line; SettingsError if any other option differs from its stored value."""
     path = run / SETTINGS_FILE
     if not path.is_file():
-        raise SettingsError(f"--resume {run}: no {SETTINGS_FILE} there; expected a run folder made by ldm-inpaint train")
+        raise SettingsError(
+            f"--resume {run}: no {SETTINGS_FILE} there; expected a run folder made by ldm-inpaint train"
+        )
     stored = TrainSettings(**json.loads(path.read_text()))
     changed = {
         name: (getattr(stored, name), value)
@@ -130,8 +146,12 @@ def resumed_settings(run: Path, args: argparse.Namespace) -> TrainSettings:
         if name not in ("steps", "device") and getattr(stored, name) != value
     }
     if changed:
-        what = ", ".join(f"--{name.replace('_', '-')} {new!r} (run has {old!r})" for name, (old, new) in changed.items())
-        raise SettingsError(f"--resume {run} cannot change the run's settings: {what}; only --steps may change")
+        what = ", ".join(
+            f"--{name.replace('_', '-')} {new!r} (run has {old!r})" for name, (old, new) in changed.items()
+        )
+        raise SettingsError(
+            f"--resume {run} cannot change the run's settings: {what}; only --steps may change"
+        )
     return replace(stored, **{k: v for k, v in given(args).items() if k in ("steps", "device")})
 
 
