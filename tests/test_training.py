@@ -193,6 +193,6 @@ def test_captions_from_a_table_and_bad_images_skipped(tmp_path, capsys) -> None:
     ],
 )
 def test_settings_that_cannot_run(changes: dict[str, object], message: str) -> None:
-    settings = TrainSettings(**{"data": "d", "out": "o", "steps": 1, "batch_size": 4, "lr": 1e-4, **changes})
+    settings = TrainSettings(**{"ckpt": "c", "data": "d", "out": "o", "steps": 1, "batch_size": 4, "lr": 1e-4, **changes})
     with pytest.raises(SettingsError, match=message):
         settings.check()

@@ -312,6 +312,13 @@ class AutoencoderKL(nn.Module):
                 module.attention_slice = slices[name]
         return twin.eval()
 
+    def forward(self, x: Tensor, eps: Tensor | None = None) -> tuple[Tensor, DiagonalGaussian]:
+        """The original ``AutoencoderKL.forward``: (reconstruction, posterior) of an image, decoded from the
+        posterior sample ``mean + std * eps`` (its mean when ``eps`` is None). Used to train the VAE."""
+        posterior = self.encode(x)
+        z = posterior.mean if eps is None else posterior.mean + posterior.std * eps
+        return self.decode(z), posterior
+
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """Image (b, in_channels, H, W) in [-1, 1] -> posterior over latents (b, embed_dim, H / f, W / f)."""
         self._check_image(x)

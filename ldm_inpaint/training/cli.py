@@ -10,7 +10,7 @@ from pathlib import Path
 from ldm_inpaint.command import EXIT_BAD_INPUT, Parser
 from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.files import write_new_text
-from ldm_inpaint.training import distributed, loop, outputs
+from ldm_inpaint.training import distributed, loop, outputs, setup
 from ldm_inpaint.training import settings as run_settings
 from ldm_inpaint.training.settings import SETTINGS_FILE, SettingsError, TrainSettings
 
@@ -18,7 +18,8 @@ from ldm_inpaint.training.settings import SETTINGS_FILE, SettingsError, TrainSet
 def build_parser() -> Parser:
     parser = Parser(
         prog="ldm-inpaint train",
-        description="Fine-tune an inpainting checkpoint (or train LoRA adapters) on a folder of images, on one "
+        description="Fine-tune an inpainting checkpoint (or train LoRA adapters, or a model from scratch: "
+        "--stage autoencoder, then the UNet) on a folder of images, on one "
         "process or many (torchrun --nproc-per-node N -m ldm_inpaint train ...). Writes RUN/last.ckpt in the "
         "original layout, RUN/metrics.jsonl, sample grids and a resume state.",
     )
@@ -59,7 +60,7 @@ def train_main(argv: Sequence[str]) -> int:
         world = distributed.join(args.device)
         settings, run, resuming = _start(args, world)
         distributed.barrier(world)
-        trainer = loop.build(settings, world)
+        trainer = setup.build(settings, world)
         if resuming:
             trainer.load(outputs.load_state(run, world.device))
             if world.is_main:

@@ -12,26 +12,21 @@ import contextlib
 import math
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ldm_inpaint.checkpoint import DETECTED, config_beside, load_model
-from ldm_inpaint.config import read_raw_config
 from ldm_inpaint.devices import PRECISIONS
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 from ldm_inpaint.pipeline import InpaintPipeline
-from ldm_inpaint.schedule import alphas_cumprod
-from ldm_inpaint.tokenizer import tokenize_prompts
 from ldm_inpaint.training import distributed, outputs, samples
-from ldm_inpaint.training.batches import BatchRecipe, make_batch
+from ldm_inpaint.training.batches import Batch, BatchRecipe, make_batch
 from ldm_inpaint.training.data import ImageFolder
 from ldm_inpaint.training.ema import Ema
-from ldm_inpaint.training.objective import sample_losses
 from ldm_inpaint.training.settings import TrainSettings
 
 WARMUP_START = 1e-6  # the original LambdaLinearScheduler's f_start
@@ -54,21 +49,17 @@ class Trainer:
     settings: TrainSettings
     world: distributed.World
     model: LatentDiffusion
-    trained: nn.Module  # what the optimizer updates (the UNet)
-    forward: nn.Module  # the same, wrapped for data parallelism
+    trained: nn.Module  # what the optimizer updates (the UNet, or the VAE with --stage autoencoder)
+    wrapped: nn.Module  # ``trained`` as the loss calls it (DistributedDataParallel under torchrun)
+    losses: Callable[[Batch], Tensor]  # per-sample losses of a batch, through ``wrapped``
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     ema: Ema | None
     data: ImageFolder
     recipe: BatchRecipe
-    alphas_cumprod: Tensor
     config_yaml: str | None  # written beside each checkpoint when the config is not detected from the weights
     step: int = 0
-
-    def tokenize(self, captions: list[str]) -> Tensor:
-        params = self.model.config.text_encoder
-        return tokenize_prompts(captions, params.pad_token, params.context_length, None).ids
 
     def micro_batches(self, step: int) -> list[range]:
         """The sample indices of this process's micro-batches of ``step``."""
@@ -92,12 +83,10 @@ class Trainer:
             batch = make_batch(self.data, self.recipe, self.step, indices)
             syncing = k == len(chunks) - 1 or world.size == 1
             with (
-                contextlib.nullcontext() if syncing else self.forward.no_sync(),
+                contextlib.nullcontext() if syncing else self.wrapped.no_sync(),
                 torch.autocast(world.device.type, autocast_dtype, enabled=mixed),
             ):
-                losses = sample_losses(
-                    self.model, self.forward, batch, self.alphas_cumprod, self.tokenize, settings.snr_gamma
-                )
+                losses = self.losses(batch)
                 loss = losses.sum() * world.size / settings.batch_size
             self.scaler.scale(loss).backward()
             loss_sum += losses.detach().sum()
@@ -150,55 +139,6 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def build(settings: TrainSettings, world: distributed.World) -> Trainer:
-    """Model, data, optimizer and EMA of a run, at step 0."""
-    loaded = load_model(settings.ckpt, settings.config, dtype=torch.float32, device=world.device)
-    model = loaded.model
-    config_yaml = None
-    if loaded.config_source != DETECTED:
-        raw, _ = read_raw_config(settings.config or config_beside(settings.ckpt))
-        config_yaml = yaml.safe_dump(raw, sort_keys=False)
-    unet = model.model.diffusion_model
-    unet.requires_grad_(True).train()
-    unet.checkpointing = settings.grad_checkpointing
-    trained = unet
-    parameters = [p for p in trained.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(settings.warmup))
-    ema = None
-    if settings.ema_decay:
-        ema = Ema(
-            ((name, p) for name, p in trained.named_parameters() if p.requires_grad), settings.ema_decay
-        )
-    data = ImageFolder(settings.data, settings.resolution, settings.masks == "files")
-    factor = 2 ** (len(model.config.autoencoder.ch_mult) - 1)
-    latent_side = settings.resolution // factor
-    recipe = BatchRecipe(
-        seed=settings.seed,
-        batch_size=settings.batch_size,
-        masks=settings.masks,
-        p_full_mask=settings.p_full_mask,
-        p_drop_text=settings.p_drop_text,
-        timesteps=model.config.schedule.timesteps,
-        latent_shape=(model.config.autoencoder.embed_dim, latent_side, latent_side),
-    )
-    return Trainer(
-        settings=settings,
-        world=world,
-        model=model,
-        trained=trained,
-        forward=distributed.wrap(trained, world),
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=torch.amp.GradScaler(world.device.type, enabled=settings.precision == "fp16"),
-        ema=ema,
-        data=data,
-        recipe=recipe,
-        alphas_cumprod=alphas_cumprod(model.config.schedule).float().to(world.device),
-        config_yaml=config_yaml,
-    )
-
-
 def train(trainer: Trainer, run: Path) -> None:
     """Steps until ``settings.steps``, saving and sampling on the way and at the end (rank 0 writes)."""
     settings, world = trainer.settings, trainer.world
@@ -225,14 +165,7 @@ def train(trainer: Trainer, run: Path) -> None:
         if settings.sample_every and (last or step % settings.sample_every == 0):
             if world.is_main:
                 trainer.trained.eval()
-                samples.write_grid(
-                    run / "samples" / f"step-{step:07d}.png",
-                    pipe,
-                    validation,
-                    trainer.ema,
-                    settings.seed,
-                    step,
-                )
+                samples.write(trainer, pipe, validation, run)
                 trainer.trained.train()
             distributed.barrier(world)
     bar.close()

@@ -1,4 +1,5 @@
-"""The training loss, built with the conditioning code that inference uses.
+"""The training losses: the diffusion loss, built with the conditioning code that inference uses, and the
+autoencoder's (``--stage autoencoder``).
 
 ``x0 = scale_factor * E(image)`` (VAE posterior mean, frozen), ``x_t = sqrt(alpha_bar_t) x0 + sqrt(1 -
 alpha_bar_t) eps`` (:func:`~ldm_inpaint.parameterization.noised`), the UNet input ``cat(x_t, mask, scale_factor
@@ -74,3 +75,20 @@ def sample_losses(
     if snr_gamma is not None:
         losses = losses * min_snr_weight(alpha_bar.flatten(), snr_gamma, parameterization)
     return losses
+
+
+def autoencoder_losses(vae: nn.Module, batch: Batch, kl_weight: float) -> Tensor:
+    """The loss of each sample (b,) of a KL autoencoder (``vae`` is :class:`~ldm_inpaint.models.autoencoder.
+    AutoencoderKL` or it wrapped for data parallelism): the L1 reconstruction error of the decoded posterior
+    sample (``batch.noise`` is its eps) plus ``kl_weight`` times KL(q(z|x) || N(0, I)) (Kingma & Welling 2014,
+    App. B), both summed over the sample and divided by its pixel count: the original ``LPIPSWithDiscriminator``
+    loss without its perceptual and adversarial terms and with its learned log-variance at 0 (the original
+    weights KL by 1e-6 against the summed L1)."""
+    device = next(vae.parameters()).device
+    image = batch.image.to(device)
+    reconstruction, posterior = vae(image, batch.noise.to(device))
+    l1 = (reconstruction.float() - image).abs().flatten(1).sum(1)
+    kl = 0.5 * (
+        posterior.mean.float().pow(2) + posterior.logvar.float().exp() - 1.0 - posterior.logvar.float()
+    )
+    return (l1 + kl_weight * kl.flatten(1).sum(1)) / image[0].numel()

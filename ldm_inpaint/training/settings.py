@@ -38,7 +38,17 @@ class TrainSettings:
     steps: int = _option(None, "total number of optimizer steps of the run")
     batch_size: int = _option(None, "global batch per optimizer step, split over processes and accumulation")
     lr: float = _option(None, "learning rate reached after the warm-up (AdamW)")
-    ckpt: str | None = _option(None, "checkpoint to start from (original layout); the config follows it")
+    ckpt: str | None = _option(
+        None, "checkpoint to start from (original layout); without it, --config from scratch"
+    )
+    stage: str = _option(
+        "unet",
+        "what is trained: the UNet (diffusion loss) or the autoencoder (L1 + KL)",
+        choices=("unet", "autoencoder"),
+    )
+    kl_weight: float = _option(
+        1e-6, "--stage autoencoder: weight of the KL term against the L1 term (the original's)"
+    )
     config: str | None = _option(None, "YAML config (original schema); default: detected from --ckpt")
     resolution: int = _option(512, "training crop side in pixels (short side resized to it, random crop)")
     grad_accum: int = _option(1, "micro-batches accumulated per optimizer step")
@@ -72,6 +82,8 @@ class TrainSettings:
         for name in ("data", "out", "steps", "batch_size", "lr"):
             if getattr(self, name) is None:
                 raise SettingsError(f"--{name.replace('_', '-')} is required (or --resume RUN)")
+        if self.ckpt is None and self.config is None:
+            raise SettingsError("--ckpt INIT is required, or --config CFG to train from scratch")
         positive = ("steps", "batch_size", "lr", "resolution", "grad_accum")
         for name in positive:
             if getattr(self, name) <= 0:
