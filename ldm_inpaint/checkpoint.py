@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ldm_inpaint.checkpoint_files import read_checkpoint
+from ldm_inpaint.checkpoint_files import checkpoint_path, read_checkpoint
 from ldm_inpaint.config import ModelConfig, load_config
 from ldm_inpaint.errors import CheckpointError
 from ldm_inpaint.models.clip import openai_to_openclip, openclip_to_openai
@@ -307,6 +307,7 @@ def load_model(
     (:mod:`ldm_inpaint.models.packing`; CPU, float32 or bfloat16): faster CPU inference in the same memory,
     same ``state_dict()``. Each weight is packed on its first use, and the plain one then freed (or its file
     pages given back)."""
+    path = checkpoint_path(path)
     entries = read_checkpoint(path)
     try:
         loaded = build_model(entries, config, use_ema=use_ema, dtype=dtype, device=device, source=path)

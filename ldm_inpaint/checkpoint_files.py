@@ -19,6 +19,7 @@ import pickle
 import struct
 import zipfile
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -53,6 +54,20 @@ def file_format(path: Path) -> str:
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
     return "unknown"
+
+
+# Checkpoints that ship with the package, by name: ``--ckpt demo`` is the small model that
+# ``scripts/train_demo.py`` trains offline (its config beside it as demo.yaml).
+BUNDLED_CHECKPOINTS = {"demo": ("demo", "demo.safetensors")}
+
+
+def checkpoint_path(value: str | Path) -> Path:
+    """A checkpoint argument as a path: a bundled name (:data:`BUNDLED_CHECKPOINTS`) when no file of that name
+    exists, else the path itself."""
+    path = Path(value)
+    if str(value) in BUNDLED_CHECKPOINTS and not path.exists():
+        return Path(str(resources.files("ldm_inpaint").joinpath(*BUNDLED_CHECKPOINTS[str(value)])))
+    return path
 
 
 def read_checkpoint(path: str | Path) -> dict[str, object]:

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from ldm_inpaint import __version__, image_io, options
+from ldm_inpaint.checkpoint_files import checkpoint_path
 from ldm_inpaint.command import EXIT_BAD_INPUT, EXIT_FAILED_ITEMS, Parser, run
 from ldm_inpaint.devices import PRECISIONS, resolve_device
 from ldm_inpaint.errors import LdmInpaintError
@@ -38,6 +39,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "convert_main",
         "convert a checkpoint (dtype, EMA, .ckpt <-> .safetensors)",
     ),
+    "demo": (
+        "ldm_inpaint.demo",
+        "demo_main",
+        "inpaint a bundled photo with the bundled demo model (no download)",
+    ),
     "inspect": ("ldm_inpaint.tools", "inspect_main", "report what a checkpoint holds and whether it loads"),
     "train": (
         "ldm_inpaint.training.cli",
@@ -57,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoints, by blended latent diffusion); without --mask repaint the whole image (image-to-image), "
         "without --image and --batch generate one from the prompt (text-to-image).",
     )
-    parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint file (.ckpt or .safetensors)")
+    parser.add_argument(
+        "--ckpt",
+        type=checkpoint_path,
+        required=True,
+        help="checkpoint file (.ckpt or .safetensors), or 'demo' for the small bundled model",
+    )
     parser.add_argument(
         "--config",
         help="YAML config (original schema); default: the checkpoint's name with .yaml beside it if there is "

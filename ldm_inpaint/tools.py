@@ -45,6 +45,7 @@ from ldm_inpaint.checkpoint import (
 )
 from ldm_inpaint.checkpoint_files import (
     check_destination,
+    checkpoint_path,
     read_checkpoint,
     write_checkpoint,
     write_with_config,
@@ -182,7 +183,9 @@ def convert_main(argv: Sequence[str]) -> int:
         description="Convert a checkpoint between .ckpt and .safetensors, dtypes, EMA and pruned forms. The "
         "result keeps the original key layout, is checked against the config and never overwrites a file.",
     )
-    parser.add_argument("source", type=Path, help="checkpoint to read (.ckpt/.pt/.pth or .safetensors)")
+    parser.add_argument(
+        "source", type=checkpoint_path, help="checkpoint to read (.ckpt/.pt/.pth or .safetensors, or 'demo')"
+    )
     parser.add_argument(
         "destination", type=Path, help="new file; its suffix (.ckpt or .safetensors) picks the format"
     )
@@ -378,7 +381,9 @@ def inspect_main(argv: Sequence[str]) -> int:
         prog="ldm-inpaint inspect",
         description="Report what a checkpoint holds and how it fits a config (detected or given).",
     )
-    parser.add_argument("path", type=Path, help="checkpoint (.ckpt/.pt/.pth or .safetensors)")
+    parser.add_argument(
+        "path", type=checkpoint_path, help="checkpoint (.ckpt/.pt/.pth or .safetensors, or 'demo')"
+    )
     parser.add_argument("--config", help="YAML config or bundled name (default: detected)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)

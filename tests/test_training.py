@@ -15,7 +15,7 @@ from ldm_inpaint.training.batches import BatchRecipe, make_batch
 from ldm_inpaint.training.data import DataError, ImageFolder
 from ldm_inpaint.training.ema import Ema
 from ldm_inpaint.training.loop import WARMUP_START, warmup_factor
-from ldm_inpaint.training.objective import frozen_inputs, min_snr_weight, sample_losses
+from ldm_inpaint.training.objective import autoencoder_losses, frozen_inputs, min_snr_weight, sample_losses
 from ldm_inpaint.training.settings import SettingsError, TrainSettings
 from tests.conftest import TINY_CONFIGS
 from tests.training_data import make_checkpoint, make_folder
@@ -193,6 +193,21 @@ def test_captions_from_a_table_and_bad_images_skipped(tmp_path, capsys) -> None:
     ],
 )
 def test_settings_that_cannot_run(changes: dict[str, object], message: str) -> None:
-    settings = TrainSettings(**{"ckpt": "c", "data": "d", "out": "o", "steps": 1, "batch_size": 4, "lr": 1e-4, **changes})
+    settings = TrainSettings(
+        **{"ckpt": "c", "data": "d", "out": "o", "steps": 1, "batch_size": 4, "lr": 1e-4, **changes}
+    )
     with pytest.raises(SettingsError, match=message):
         settings.check()
+
+
+def test_the_autoencoder_loss_is_l1_plus_weighted_kl(tmp_path, folder: ImageFolder) -> None:
+    """Per sample: (sum |x - D(mean + std * eps)| + w * 0.5 * sum(mean^2 + var - 1 - log var)) / pixels."""
+    vae = load_model(make_checkpoint(tmp_path / "m.ckpt"), TINY_CONFIGS["v1"]).model.first_stage_model
+    batch = make_batch(folder, RECIPE, 0, range(2))
+    posterior = vae.encode(batch.image)
+    mean, logvar = posterior.mean, posterior.logvar
+    z = mean + torch.exp(0.5 * logvar) * batch.noise
+    l1 = (vae.decode(z) - batch.image).abs().sum((1, 2, 3))
+    kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum((1, 2, 3))
+    expected = (l1 + 0.3 * kl) / (3 * 64 * 64)
+    torch.testing.assert_close(autoencoder_losses(vae, batch, kl_weight=0.3), expected)

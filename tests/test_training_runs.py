@@ -156,3 +156,24 @@ def test_runs_are_never_overwritten_and_resume_keeps_its_settings(files, tmp_pat
     assert "cannot change the run's settings: --lr 0.5 (run has 0.001)" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nothing"), "--steps", "2"]) == 2
     assert "no settings.json there" in capsys.readouterr().err
+
+
+def test_an_autoencoder_trains_from_scratch_and_then_its_unet(files, tmp_path) -> None:
+    """``--stage autoencoder`` without --ckpt: only the VAE moves; the next stage starts from its checkpoint."""
+    first, second = tmp_path / "ae", tmp_path / "unet"
+    args = train_args(None, files["data"], first, stage="autoencoder", steps=2, **{"sample-every": 2})
+    assert main(["train", *args]) == 0
+    assert (first / "samples" / "step-0000002.png").is_file()
+    again = train_args(None, files["data"], tmp_path / "again", stage="autoencoder", steps=1, **{"lr": 1e-12})
+    assert main(["train", *again]) == 0
+    trained, barely = read_checkpoint(first / "last.ckpt"), read_checkpoint(tmp_path / "again" / "last.ckpt")
+    for key in trained:  # the same seeded initialisation; only the VAE trained
+        moved = not torch.equal(trained[key], barely[key])
+        assert (
+            moved == (key.startswith("first_stage_model.") and trained[key].is_floating_point()) or not moved
+        )
+    assert any(not torch.equal(trained[k], barely[k]) for k in trained if k.startswith("first_stage_model."))
+    assert not any(k.startswith("model_ema.") for k in trained)  # EMA follows the UNet stage only
+    assert main(["train", *train_args(first / "last.ckpt", files["data"], second, steps=1)]) == 0
+    unet_stage = read_checkpoint(second / "last.ckpt")
+    assert all(torch.equal(unet_stage[k], trained[k]) for k in trained if k.startswith("first_stage_model."))

@@ -38,11 +38,6 @@ def _start(args: object, world: distributed.World) -> tuple[TrainSettings, Path,
         return settings, args.resume, True
     settings = run_settings.new_settings(args)
     settings.check(world.size)
-    if settings.ckpt is None:
-        raise SettingsError(
-            "--ckpt is required: the checkpoint to start from (ldm-inpaint convert "
-            "--to-inpainting makes one from a text-to-image checkpoint)"
-        )
     run = Path(settings.out)
     if world.is_main:
         if run.exists():

@@ -16,6 +16,7 @@ import yaml
 from torch import nn
 
 from ldm_inpaint.checkpoint import DETECTED, config_beside, load_model
+from ldm_inpaint.checkpoint_files import checkpoint_path
 from ldm_inpaint.config import load_config, read_raw_config
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 from ldm_inpaint.schedule import alphas_cumprod
@@ -40,7 +41,11 @@ def initial_model(settings: TrainSettings, device: torch.device) -> tuple[Latent
     else:
         loaded = load_model(settings.ckpt, settings.config, dtype=torch.float32, device=device)
         model = loaded.model
-        source = None if loaded.config_source == DETECTED else settings.config or config_beside(settings.ckpt)
+        source = (
+            None
+            if loaded.config_source == DETECTED
+            else settings.config or config_beside(checkpoint_path(settings.ckpt))
+        )
     if source is None:
         return model, None
     raw, _ = read_raw_config(source)
