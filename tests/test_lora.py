@@ -4,6 +4,7 @@ Parity of the outputs with diffusers' LoRA loading is in ``test_lora_parity.py``
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,8 @@ def test_new_network_is_the_identity_and_detaches_exactly() -> None:
     assert (changed - base).abs().max() > 0.1 * base.std()
     assert torch.equal(after, base)
     assert list(unet.state_dict()) == keys_before
+    network.attach(unet)
+    assert not copy.deepcopy(network).attached  # the hooks stay with the network that attached them
 
 
 def test_training_gradients_reach_the_adapters_only() -> None:

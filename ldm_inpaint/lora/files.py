@@ -132,26 +132,33 @@ def _split(key: str) -> tuple[str, str, dict[str, str]] | None:
     return key, rest, _PEFT_PARTS
 
 
-def _peft_alphas(path: Path) -> dict[str, float]:
-    """Per component (``unet``, ``text_encoder``), the ``lora_alpha`` of a diffusers file's adapter metadata,
-    where it holds one alpha for all modules and one rank (no per-module patterns)."""
+def _metadata(path: Path) -> dict[str, str]:
+    """The safetensors header's metadata (nothing for a torch file)."""
     if file_format(path) != "safetensors":
         return {}
     with safe_open(path, "pt") as file:
-        raw = (file.metadata() or {}).get("lora_adapter_metadata")
-    if raw is None:
+        return dict(file.metadata() or {})
+
+
+def _peft_alphas(path: Path, metadata: dict[str, str]) -> dict[str, float]:
+    """Per component (``unet``, ``text_encoder``), the ``lora_alpha`` of a diffusers file's adapter metadata,
+    where it holds one alpha for all modules and one rank (no per-module patterns)."""
+    if "lora_adapter_metadata" not in metadata:
         return {}
-    metadata = json.loads(raw)
+    try:
+        adapter = json.loads(metadata["lora_adapter_metadata"])
+    except json.JSONDecodeError as error:
+        raise LoRAError(f"{path}: the diffusers adapter metadata is not valid JSON ({error})") from None
     alphas = {}
     for component in _PEFT_COMPONENTS:
-        if f"{component}.lora_alpha" not in metadata:
+        if f"{component}.lora_alpha" not in adapter:
             continue
-        if metadata.get(f"{component}.alpha_pattern") or metadata.get(f"{component}.rank_pattern"):
+        if adapter.get(f"{component}.alpha_pattern") or adapter.get(f"{component}.rank_pattern"):
             raise LoRAError(
                 f"{path}: per-module ranks or alphas (alpha_pattern, rank_pattern) in the diffusers metadata "
                 "are not supported; save the LoRA in kohya's format"
             )
-        alphas[component] = float(metadata[f"{component}.lora_alpha"])
+        alphas[component] = float(adapter[f"{component}.lora_alpha"])
     return alphas
 
 
@@ -201,7 +208,8 @@ def read_lora(path: str | Path) -> LoRAFile:
         )
     if not parts:
         raise LoRAError(f"{path}: holds no LoRA modules")
-    peft_alphas = _peft_alphas(path)
+    metadata = _metadata(path)
+    peft_alphas = _peft_alphas(path, metadata)
     modules = {}
     for name, found in parts.items():
         if "down" not in found or "up" not in found:
@@ -212,14 +220,7 @@ def read_lora(path: str | Path) -> LoRAFile:
         modules[name] = ModuleWeights(
             found["down"], found["up"], peft_alphas.get(component) if alpha is None else alpha.item()
         )
-    return LoRAFile(path, sha256_file(path), modules, _metadata(path))
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    if file_format(path) != "safetensors":
-        return {}
-    with safe_open(path, "pt") as file:
-        return dict(file.metadata() or {})
+    return LoRAFile(path, sha256_file(path), modules, metadata)
 
 
 def resolve(lora: LoRAFile, targets: dict[str, Target], component: str | None = None) -> dict[str, Resolved]:

@@ -99,21 +99,25 @@ def apply_loras(model: LatentDiffusion, loras: Sequence[tuple[LoRAFile, float]])
             groups.setdefault(key, []).append((found, weight))
         counts = [sum(found.target.component == c for found in resolved) for c in ("unet", "text")]
         applied.append(AppliedLoRA(lora, weight, *counts))
-    backups = []
-    with torch.no_grad():
-        for (component, path, parameter), items in groups.items():
-            module = components[component].get_submodule(path)
-            original = module.state_dict()[parameter]
-            delta = torch.zeros(original.shape, dtype=torch.float32, device=original.device)
-            for found, weight in items:
-                down, up = found.weights.fitted(found.name, _shape(module, found.target))
-                scale = weight * found.weights.scale
-                _rows(delta, found.target.part).add_(
-                    weight_delta(down.to(delta.device), up.to(delta.device), scale)
-                )
-            backups.append(_Backup(module, parameter, original.to("cpu", copy=True)))
-            _set(module, parameter, (original.float() + delta).to(original.dtype))
-    return MergedLoRAs(applied, backups)
+    merged = MergedLoRAs(applied, [])
+    try:
+        with torch.no_grad():
+            for (component, path, parameter), items in groups.items():
+                module = components[component].get_submodule(path)
+                original = module.state_dict()[parameter]
+                delta = torch.zeros(original.shape, dtype=torch.float32, device=original.device)
+                for found, weight in items:
+                    down, up = found.weights.fitted(found.name, _shape(module, found.target))
+                    scale = weight * found.weights.scale
+                    _rows(delta, found.target.part).add_(
+                        weight_delta(down.to(delta.device), up.to(delta.device), scale)
+                    )
+                merged._backups.append(_Backup(module, parameter, original.to("cpu", copy=True)))
+                _set(module, parameter, (original.float() + delta).to(original.dtype))
+    except BaseException:
+        merged.remove()  # out of memory, interrupted: the weights changed so far are put back
+        raise
+    return merged
 
 
 def _rows(weight: Tensor, part: int | None) -> Tensor:

@@ -21,7 +21,7 @@ leaves the model exactly as it was.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ldm_inpaint.errors import LoRAError
 from ldm_inpaint.lora import files, names
+from ldm_inpaint.models.packing import PackedConv2d
 from ldm_inpaint.models.unet import UNetModel
 
 # The projections of both attentions of every transformer layer: what the trainer adapts by default.
@@ -85,8 +86,14 @@ class LoRAAdapter(nn.Module):
     def scale(self) -> float:
         return self.alpha.item() / self.rank
 
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The shape of the layer weight that ``B A`` updates: (out, in) or (out, in, kh, kw)."""
+        return (self.lora_up.weight.shape[0], *self.lora_down.weight.shape[1:])
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))) * self.scale
+        # alpha / rank as a tensor: no device synchronisation in the forward pass
+        return self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))) * (self.alpha / self.rank)
 
     def delta(self) -> Tensor:
         """``(alpha / rank) * B A``, the change of the layer's weight (float32)."""
@@ -100,7 +107,7 @@ def _weight_shape(layer: nn.Module) -> tuple[int, ...]:
         if layer.groups != 1 or layer.padding_mode != "zeros":
             raise LoRAError(f"LoRA adapts plain convolutions only, found {layer}")
         return tuple(layer.weight.shape)
-    if isinstance(layer, names.PackedConv2d):
+    if isinstance(layer, PackedConv2d):
         return layer.weight_shape
     raise LoRAError(f"LoRA adapts linear layers and convolutions, found {type(layer).__name__}")
 
@@ -164,7 +171,8 @@ class LoRANetwork(nn.ModuleDict):
 
     def attach(self, unet: UNetModel) -> None:
         """Add every adapter's output to its layer's through a forward hook (layer inputs are cast to the
-        adapters' dtype and the sum to the layer's)."""
+        adapters' dtype and the sum to the layer's). The hooks belong to ``unet``'s modules: a copy of the
+        UNet made while attached calls this network too, so copy it (e.g. for an EMA) before attaching."""
         if self._handles:
             raise LoRAError("this LoRA network is attached already; detach() it first")
         targets = names.unet_targets(unet)
@@ -173,11 +181,11 @@ class LoRANetwork(nn.ModuleDict):
             raise LoRAError(f"{len(missing)} adapter(s) name no module of this UNet, e.g. {missing[0]}")
         for name, adapter in self.items():
             layer = unet.get_submodule(targets[name].module)
-            if _weight_shape(layer) != tuple(adapter.delta().shape):
+            if _weight_shape(layer) != adapter.weight_shape:
                 raise LoRAError(f"adapter {name} does not fit its layer {layer}")
             self._handles.append(layer.register_forward_hook(self._hook(adapter)))
 
-    def _hook(self, adapter: LoRAAdapter):
+    def _hook(self, adapter: LoRAAdapter) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], Tensor]:
         def add_adapter(layer: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
             if self.multiplier == 0:
                 return output
@@ -194,6 +202,10 @@ class LoRANetwork(nn.ModuleDict):
     @property
     def attached(self) -> bool:
         return bool(self._handles)
+
+    def __getstate__(self) -> dict[str, object]:
+        # A copy (deepcopy, pickle) is detached: the hooks stay with the network that attached them.
+        return {**self.__dict__, "_handles": []}
 
     def save(self, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
         """Write the adapters as a kohya LoRA file (:func:`~ldm_inpaint.lora.files.write_lora`: safetensors,
