@@ -53,6 +53,15 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def _lora_argument(text: str) -> tuple[Path, float]:
+    from ldm_inpaint.lora.files import parse_lora_argument  # the model code, once a --lora is given
+
+    try:
+        return parse_lora_argument(text)
+    except LdmInpaintError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     subcommands = "\n".join(f"  ldm-inpaint {name:8} {text}" for name, (_, _, text) in SUBCOMMANDS.items())
     parser = Parser(
@@ -75,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
         "one, else detected from the checkpoint",
     )
     parser.add_argument("--use-ema", action="store_true", help="load the file's model_ema.* copy instead")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        type=_lora_argument,
+        metavar="FILE[:WEIGHT]",
+        help="LoRA file (kohya / AUTOMATIC1111 or diffusers .safetensors) merged into the weights, its update "
+        "times WEIGHT (default 1); repeat it to stack several",
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--image", type=Path, help="image to inpaint (none and no --batch: text-to-image)")
     source.add_argument(
@@ -145,6 +162,9 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         )
     if not args.ckpt.is_file():
         parser.error(f"checkpoint not found: {args.ckpt}")
+    for path, _ in args.lora or []:
+        if not path.is_file():
+            parser.error(f"--lora: LoRA file not found: {path}")
 
 
 def _load_pair(image_path: Path | None, mask_path: Path | None, resize_mask: bool, max_pixels: int):
@@ -251,8 +271,14 @@ def inpaint_main(argv: Sequence[str]) -> int:
         print(f"ldm-inpaint: config {loaded.config.name} ({loaded.config_source})", file=sys.stderr)
         for kind, keys in loaded.skipped.items():
             print(f"ldm-inpaint: skipped {len(keys)} {kind}", file=sys.stderr)
-        pipeline = InpaintPipeline(loaded.model, compile=args.compile)
+        pipeline = InpaintPipeline(loaded.model, compile=args.compile, loras=args.lora or ())
         pipeline.max_pixels = args.max_pixels
+        for lora in pipeline.loras:
+            print(
+                f"ldm-inpaint: LoRA {lora.describe()}: {lora.unet_modules} UNet and {lora.text_modules} "
+                "text-encoder modules",
+                file=sys.stderr,
+            )
         ckpt_meta = {
             "checkpoint": args.ckpt.name,
             "checkpoint_sha256": sha256_file(args.ckpt)[:12],
@@ -263,6 +289,8 @@ def inpaint_main(argv: Sequence[str]) -> int:
             "device": str(device),
             "threads": str(torch.get_num_threads()),
         }
+        if pipeline.loras:
+            ckpt_meta["lora"] = "; ".join(lora.describe() for lora in pipeline.loras)
     except LdmInpaintError as error:
         print(f"ldm-inpaint: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -17,3 +17,7 @@ class CheckpointError(LdmInpaintError):
 class Cancelled(Exception):  # noqa: N818 - the name says what happened, as asyncio's CancelledError does
     """Raised from a step callback to stop a pipeline call; the call then raises it again, having let go of
     what it held. Not an :class:`LdmInpaintError`: nothing was wrong with the input."""
+
+
+class LoRAError(LdmInpaintError):
+    """A LoRA file that cannot be read, or whose modules do not fit the model it is applied to."""

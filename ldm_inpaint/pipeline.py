@@ -49,6 +49,7 @@ from ldm_inpaint.conditioning import Blend, binarize_mask, inpainting_concat
 from ldm_inpaint.config import ModelConfig
 from ldm_inpaint.denoiser import CountedDenoiser, make_denoiser
 from ldm_inpaint.errors import Cancelled, LdmInpaintError
+from ldm_inpaint.lora.merge import AppliedLoRA, LoRASet, LoRASource
 from ldm_inpaint.memo import Memo, digest
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 from ldm_inpaint.models.packing import can_pack
@@ -106,11 +107,13 @@ class InpaintPipeline:
     are serialized by :attr:`lock`, so threads may share one pipeline.
     """
 
-    def __init__(self, model: LatentDiffusion, *, compile: bool = False) -> None:
+    def __init__(
+        self, model: LatentDiffusion, *, compile: bool = False, loras: Sequence[LoRASource] = ()
+    ) -> None:
         """``compile``: run the UNet through :func:`~ldm_inpaint.compile.compile_unet` (the first call
-        compiles it, which takes minutes; it pays off over many images of one size)."""
+        compiles it, which takes minutes; it pays off over many images of one size). ``loras``: LoRA files
+        (or ``(file, weight)``) merged into the weights first, see :meth:`set_loras`."""
         self.model = model
-        self.unet = compile_unet(model.model.diffusion_model) if compile else model.model.diffusion_model
         self.config: ModelConfig = model.config
         self.alphas_cumprod = alphas_cumprod(self.config.schedule)
         self.lock = threading.RLock()
@@ -118,6 +121,10 @@ class InpaintPipeline:
         self.max_pixels = image_io.DEFAULT_MAX_PIXELS
         self._contexts: Memo[tuple[Tensor, tuple[str, ...]]] = Memo()
         self._latents: Memo[Tensor] = Memo()
+        self._loras = LoRASet(model)
+        self._loras.set(loras)
+        self.compiled = compile
+        self.unet = compile_unet(model.model.diffusion_model) if compile else model.model.diffusion_model
 
     @classmethod
     def from_checkpoint(
@@ -130,13 +137,15 @@ class InpaintPipeline:
         use_ema: bool = False,
         pack: bool | None = None,
         compile: bool = False,
+        loras: Sequence[LoRASource] = (),
     ) -> InpaintPipeline:
         """Load a checkpoint (:func:`~ldm_inpaint.checkpoint.load_model`). ``pack``: pre-pack the convolution
         weights for oneDNN (default: when the device is the CPU and the dtype float32 or bfloat16, unless
-        compiling, see :mod:`ldm_inpaint.models.packing`); ``compile``: see :class:`InpaintPipeline`."""
+        compiling, see :mod:`ldm_inpaint.models.packing`); ``compile``, ``loras``: see
+        :class:`InpaintPipeline`."""
         pack = can_pack(device, dtype) and not compile if pack is None else pack
         loaded = load_model(path, config, use_ema=use_ema, dtype=dtype, device=device, pack=pack)
-        return cls(loaded.model, compile=compile)
+        return cls(loaded.model, compile=compile, loras=loras)
 
     @property
     def latent_factor(self) -> int:
@@ -161,6 +170,24 @@ class InpaintPipeline:
         scale = self.native_side / max(height, width)
         step = self.size_multiple
         return tuple(max(step, round(side * scale / step) * step) for side in (height, width))
+
+    @property
+    def loras(self) -> list[AppliedLoRA]:
+        """The LoRA files merged into the weights now, with their weights and module counts."""
+        return self._loras.applied
+
+    def set_loras(self, loras: Sequence[LoRASource]) -> None:
+        """Merge LoRA files into the weights (:func:`~ldm_inpaint.lora.merge.apply_loras`: kohya /
+        AUTOMATIC1111 or diffusers files; each a path, at weight 1, or ``(path, weight)``), replacing those set
+        before; ``()`` restores the original weights bit for bit. Memoized text contexts are dropped when a
+        text-encoder LoRA comes or goes. A compiled pipeline takes its LoRAs at construction only."""
+        if self.compiled:
+            raise LdmInpaintError(
+                "a compiled pipeline does not see weights changed after compiling; build a new one with loras="
+            )
+        with self.lock:
+            if self._loras.set(loras):
+                self._contexts.clear()
 
     def clear_memo(self) -> None:
         """Forget the memoized text contexts and image latents (needed only if the weights change)."""

@@ -312,7 +312,7 @@ def test_command_line_overrides_the_spec(checkpoints, pair, tmp_path: Path) -> N
     ("spec", "extra", "message"),
     [
         ({"sweeps": {}}, [], "unknown key(s) sweeps; allowed: checkpoint, config, use_ema"),
-        ({"fixed": {"stepz": 3}}, [], "unknown parameter 'stepz'; allowed: checkpoint, prompt"),
+        ({"fixed": {"stepz": 3}}, [], "unknown parameter 'stepz'; allowed: checkpoint, lora, prompt"),
         ({"fixed": {"steps": "many"}}, [], "steps: expected an integer, found 'many'"),
         ({"fixed": {"scale": "high"}}, [], "scale: expected a finite number, found 'high'"),
         ({"fixed": {"paste_back": "maybe"}}, [], "paste_back: expected true or false, found 'maybe'"),

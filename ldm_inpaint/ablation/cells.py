@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from ldm_inpaint import options
+from ldm_inpaint.ablation.lora_axis import LORA, LoRARef, lora_identity, lora_spec
 from ldm_inpaint.ablation.study import CHECKPOINT, CheckpointRef, Pair, Study
 from ldm_inpaint.checkpoint import config_beside
 from ldm_inpaint.config import load_config
@@ -20,7 +21,8 @@ from ldm_inpaint.files import sha256_file, write_new_text
 
 @dataclass(frozen=True)
 class Cell:
-    """One run: a pair, a checkpoint, every parameter; ``position`` is its swept values, in sweep order."""
+    """One run: a pair, a checkpoint, the LoRAs merged into it, every parameter; ``position`` is its swept
+    values, in sweep order."""
 
     pair: Pair
     checkpoint: CheckpointRef
@@ -28,6 +30,7 @@ class Cell:
     parameters: dict[str, object]
     position: tuple[object, ...]
     hash: str
+    loras: tuple[LoRARef, ...] = ()
 
 
 def checkpoint_identity(ref: CheckpointRef, use_ema: bool) -> dict[str, object]:
@@ -66,7 +69,10 @@ def expand(study: Study, precision: str) -> list[Cell]:
                     "pair": pair.identity,
                     "precision": precision,
                 }
-                cells.append(Cell(pair, ref, sha256, parameters, position, cell_hash(identity)))
+                loras = values.get(LORA, study.fixed.get(LORA, ()))
+                if loras:  # studies without LoRAs keep the hashes they always had
+                    identity[LORA] = lora_identity(loras)
+                cells.append(Cell(pair, ref, sha256, parameters, position, cell_hash(identity), loras))
     return cells
 
 
@@ -86,9 +92,14 @@ def resolved_spec(study: Study) -> dict[str, object]:
         {"image": str(pair.image_path.resolve()), "mask": str(pair.mask_path.resolve())}
         for pair in study.pairs
     ]
-    spec["fixed"] = {name: value for name, value in study.fixed.items() if name != CHECKPOINT}
+    spec["fixed"] = {
+        name: lora_spec(value) if name == LORA else value
+        for name, value in study.fixed.items()
+        if name != CHECKPOINT
+    }
+    convert = {CHECKPOINT: checkpoint, LORA: lora_spec}
     spec["sweep"] = {
-        key: [checkpoint(value) if key == CHECKPOINT else value for value in values]
+        key: [convert.get(key, lambda value: value)(value) for value in values]
         for key, values in study.sweep.items()
     }
     return spec

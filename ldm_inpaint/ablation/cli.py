@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--use-ema", action=argparse.BooleanOptionalAction, help="load the model_ema.* copy")
     parser.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:WEIGHT]",
+        help="LoRA merged into every cell's checkpoint (repeat to stack); or sweep it: --sweep lora=none,FILE:0.8",
+    )
+    parser.add_argument(
         "--image", type=Path, action="append", help="image to inpaint (repeatable, with --mask)"
     )
     parser.add_argument("--mask", type=Path, action="append", help="its mask: white = repaint")

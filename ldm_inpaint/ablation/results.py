@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ldm_inpaint import options
 from ldm_inpaint.ablation.cells import Cell
+from ldm_inpaint.ablation.lora_axis import LORA
 from ldm_inpaint.ablation.study import CHECKPOINT, SpecError
 from ldm_inpaint.files import remove_stale_partials, replace_text
 
@@ -31,6 +32,8 @@ COLUMNS = (
     "resize_mask",
     CHECKPOINT,
     "checkpoint_sha256",
+    LORA,
+    "lora_sha256",
     "config",
     "use_ema",
     "precision",

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ldm_inpaint import __version__, image_io
 from ldm_inpaint.ablation.cells import Cell
+from ldm_inpaint.ablation.lora_axis import lora_row
 from ldm_inpaint.ablation.results import Results, mask_change
 from ldm_inpaint.ablation.study import CHECKPOINT, CheckpointRef, Study
 from ldm_inpaint.checkpoint import load_model
@@ -47,6 +48,7 @@ class Runner:
             "resize_mask": self.study.resize_mask,
             CHECKPOINT: str(cell.checkpoint.path.resolve()),
             "checkpoint_sha256": cell.checkpoint_sha256,
+            **lora_row(cell.loras),
             "config": cell.checkpoint.config,
             "use_ema": self.study.use_ema,
             "precision": self.precision,
@@ -101,7 +103,8 @@ class Runner:
             f"{PROG}: {ref.path.name}: config {loaded.config.name} ({loaded.config_source})", file=sys.stderr
         )
         pipeline = InpaintPipeline(loaded.model)
-        for cell in cells:
+        # cells with the same LoRAs together: each change of LoRAs re-merges the weights
+        for cell in sorted(cells, key=lambda cell: [(str(ref.path), ref.weight) for ref in cell.loras]):
             bar.set_postfix_str(f"{cell.pair.name} {cell.hash}")
             self.run_cell(pipeline, cell, self.base_row(cell) | {"config": pipeline.config.name})
             bar.update(1)
@@ -109,6 +112,9 @@ class Runner:
     def run_cell(self, pipeline: InpaintPipeline, cell: Cell, row: dict[str, object]) -> None:
         start = time.perf_counter()
         try:
+            loras = [(ref.path, ref.weight) for ref in cell.loras]
+            if [(lora.lora.path, lora.weight) for lora in pipeline.loras] != loras:
+                pipeline.set_loras(loras)
             result = pipeline(cell.pair.image, cell.pair.mask, InpaintOptions(**cell.parameters))
         except (LdmInpaintError, RuntimeError) as error:
             self.record(row, error=str(error), wall_seconds=time.perf_counter() - start)

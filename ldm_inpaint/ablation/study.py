@@ -16,6 +16,7 @@ import yaml
 from torch import Tensor
 
 from ldm_inpaint import image_io, options
+from ldm_inpaint.ablation.lora_axis import LORA, lora_label, lora_refs
 from ldm_inpaint.config import load_config
 from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.files import sha256_file
@@ -23,7 +24,7 @@ from ldm_inpaint.options import InpaintOptions, OptionError
 from ldm_inpaint.pairs import find_pairs
 
 CHECKPOINT = "checkpoint"
-SWEEPABLE = (CHECKPOINT, *options.SWEEPABLE)
+SWEEPABLE = (CHECKPOINT, LORA, *options.SWEEPABLE)
 
 
 class SpecError(LdmInpaintError):
@@ -31,7 +32,10 @@ class SpecError(LdmInpaintError):
 
 
 def option_key(name: str) -> str:
-    """A swept or fixed key's option name (``scale`` is ``guidance_scale``); SpecError for an unknown one."""
+    """A swept or fixed key's option name (``scale`` is ``guidance_scale``), or ``lora``; SpecError for an
+    unknown one."""
+    if name == LORA:
+        return name
     key = options.ALIASES.get(name, name)
     if key not in options.SWEEPABLE:
         raise SpecError(f"unknown parameter {name!r}; allowed: {', '.join(SWEEPABLE)}")
@@ -47,8 +51,21 @@ def coerce(name: str, value: object) -> object:
         raise SpecError(str(error)) from None
 
 
+def _value(name: str, value: object, base: Path) -> object:
+    """A fixed or swept value of ``name``: the LoRAs of a ``lora`` value (paths from ``base``), else
+    :func:`coerce`."""
+    if option_key(name) != LORA:
+        return coerce(name, value)
+    try:
+        return lora_refs(value, base)
+    except LdmInpaintError as error:
+        raise SpecError(str(error)) from None
+
+
 def format_value(value: object) -> str:
     """A value as the grid labels show it."""
+    if isinstance(value, tuple):
+        return lora_label(value)
     if isinstance(value, CheckpointRef):
         return value.path.name
     if isinstance(value, float):
@@ -180,7 +197,9 @@ def _sweep_values(key: str, values: object, base: Path, config: str | None) -> l
     _sweep_key(key)
     if not isinstance(values, list) or not values:
         raise SpecError(f"sweep {key}: expected a non-empty list of values, found {values!r}")
-    converted = [_checkpoint_ref(v, base, config) if key == CHECKPOINT else coerce(key, v) for v in values]
+    converted = [
+        _checkpoint_ref(v, base, config) if key == CHECKPOINT else _value(key, v, base) for v in values
+    ]
     if len(set(map(repr, converted))) != len(converted):
         raise SpecError(f"sweep {key}: expected distinct values, found {values!r}")
     return converted
@@ -213,8 +232,8 @@ def build_study(args: argparse.Namespace) -> Study:
         raise SpecError(f"{', '.join(both)}: given both as fixed and as swept; keep one")
     config = _config_ref(spec.get("config"), base)
     defaults = InpaintOptions()
-    fixed: dict[str, object] = {name: getattr(defaults, name) for name in options.SWEEPABLE}
-    fixed.update({option_key(key): coerce(key, value) for key, value in spec_fixed.items()})
+    fixed: dict[str, object] = {LORA: (), **{name: getattr(defaults, name) for name in options.SWEEPABLE}}
+    fixed.update({option_key(key): _value(key, value, base) for key, value in spec_fixed.items()})
     sweep = {_sweep_key(key): _sweep_values(key, values, base, config) for key, values in spec_sweep.items()}
 
     checkpoints = spec.get(CHECKPOINT)
@@ -282,6 +301,9 @@ def _apply_command_line(
             fixed[CHECKPOINT] = replace(fixed[CHECKPOINT], config=configs[0])
         if CHECKPOINT in sweep:
             sweep[CHECKPOINT] = [replace(ref, config=configs[0]) for ref in sweep[CHECKPOINT]]
+    if args.lora:
+        fixed[LORA] = _value(LORA, args.lora, Path())
+        sweep.pop(LORA, None)
     for name in options.SWEEPABLE:
         value = getattr(args, name)
         if value is not None:
