@@ -177,3 +177,58 @@ def test_an_autoencoder_trains_from_scratch_and_then_its_unet(files, tmp_path) -
     assert main(["train", *train_args(first / "last.ckpt", files["data"], second, steps=1)]) == 0
     unet_stage = read_checkpoint(second / "last.ckpt")
     assert all(torch.equal(unet_stage[k], trained[k]) for k in trained if k.startswith("first_stage_model."))
+
+
+def test_lora_training_writes_kohya_files_that_inference_applies(files, tmp_path) -> None:
+    from ldm_inpaint.lora.files import read_lora
+    from ldm_inpaint.lora.network import LoRANetwork
+
+    run = tmp_path / "lora"
+    assert (
+        main(["train", *train_args(files["ckpt"], files["data"], run, lora=4, steps=2, **{"save-every": 1})])
+        == 0
+    )
+    names = sorted(p.name for p in run.glob("lora-*.safetensors"))
+    assert names == ["lora-last-ema.safetensors", "lora-last.safetensors", "lora-step-0000001.safetensors", "lora-step-0000002.safetensors"]  # fmt: skip
+    assert not (run / "last.ckpt").exists()
+    lora = read_lora(run / "lora-last.safetensors")
+    # q, k, v, out of two attentions in each of the tiny UNet's transformer layers
+    model = load_model(files["ckpt"], TINY_CONFIGS["v1"]).model
+    unet = model.model.diffusion_model
+    layers = sum(1 for name, _ in unet.named_modules() if name.endswith("transformer_blocks.0"))
+    assert len(lora.modules) == 8 * layers and all(name.startswith("lora_unet_") for name in lora.modules)
+    network = LoRANetwork.load(run / "lora-last.safetensors", unet)
+    assert any(adapter.lora_up.weight.abs().sum() > 0 for adapter in network.values())  # it learned something
+    state = torch.load(run / STATE_FILE, weights_only=True)["trained"]
+    assert all(torch.equal(state[k], v) for k, v in network.state_dict().items())
+    out = tmp_path / "out"
+    args = [
+        "--ckpt",
+        str(files["ckpt"]),
+        "--config",
+        str(TINY_CONFIGS["v1"]),
+        "--lora",
+        f"{run / 'lora-last.safetensors'}:0.8",
+    ]
+    image, mask = REPO / "examples" / "bench.png", REPO / "examples" / "bench_mask.png"
+    assert (
+        main(
+            [
+                *args,
+                "--image",
+                str(image),
+                "--mask",
+                str(mask),
+                "--steps",
+                "2",
+                "--outdir",
+                str(out),
+                "--height",
+                "64",
+                "--width",
+                "64",
+            ]
+        )
+        == 0
+    )
+    assert len(list(out.glob("*.png"))) == 1

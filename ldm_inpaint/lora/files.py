@@ -244,9 +244,11 @@ def resolve(lora: LoRAFile, targets: dict[str, Target], component: str | None = 
     return {name: Resolved(name, targets[name], weights) for name, weights in lora.modules.items()}
 
 
-def write_lora(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> Path:
+def write_lora(
+    path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str], *, replace: bool = False
+) -> Path:
     """Write ``tensors`` (kohya entries) as a safetensors file with ``metadata``: atomically, and never over
-    an existing file (LoRAError)."""
+    an existing file (LoRAError) unless ``replace`` (a training run's latest file)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise LoRAError(f"LoRA output {path}: expected a name ending in .safetensors")
@@ -255,7 +257,7 @@ def write_lora(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str,
         {"format": "pt", **metadata},
     )
     try:
-        written = write_atomic(path, lambda file: file.write(data))
+        written = write_atomic(path, lambda file: file.write(data), replace=replace)
     except OSError as error:
         raise LoRAError(f"LoRA output {path}: {error.strerror or error}") from None
     if not written:

@@ -207,9 +207,11 @@ class LoRANetwork(nn.ModuleDict):
         # A copy (deepcopy, pickle) is detached: the hooks stay with the network that attached them.
         return {**self.__dict__, "_handles": []}
 
-    def save(self, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
+    def save(
+        self, path: str | Path, metadata: Mapping[str, str] | None = None, *, replace: bool = False
+    ) -> Path:
         """Write the adapters as a kohya LoRA file (:func:`~ldm_inpaint.lora.files.write_lora`: safetensors,
-        atomic, never over an existing file)."""
+        atomic, never over an existing file unless ``replace``)."""
         rank = {adapter.rank for adapter in self.values()}
         alpha = {adapter.alpha.item() for adapter in self.values()}
         described = {
@@ -217,4 +219,4 @@ class LoRANetwork(nn.ModuleDict):
             "ss_network_dim": str(rank.pop()) if len(rank) == 1 else "Dynamic",
             "ss_network_alpha": f"{alpha.pop():g}" if len(alpha) == 1 else "Dynamic",
         }
-        return files.write_lora(path, self.state_dict(), {**described, **(metadata or {})})
+        return files.write_lora(path, self.state_dict(), {**described, **(metadata or {})}, replace=replace)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ldm_inpaint.devices import PRECISIONS
+from ldm_inpaint.lora.network import LoRANetwork
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 from ldm_inpaint.pipeline import InpaintPipeline
 from ldm_inpaint.training import distributed, outputs, samples
@@ -174,10 +175,13 @@ def train(trainer: Trainer, run: Path) -> None:
 def save(trainer: Trainer, run: Path) -> None:
     """Checkpoint and resume state (rank 0), then every process goes on."""
     if trainer.world.is_main:
-        entries = outputs.checkpoint_entries(trainer.model, trainer.ema)
         settings = trainer.settings
-        outputs.save_checkpoint(
-            run, entries, trainer.step, settings.save_every, settings.safetensors, trainer.config_yaml
-        )
+        if isinstance(trainer.trained, LoRANetwork):
+            outputs.save_lora(run, trainer.trained, trainer.ema, trainer.step, settings.save_every)
+        else:
+            entries = outputs.checkpoint_entries(trainer.model, trainer.ema)
+            outputs.save_checkpoint(
+                run, entries, trainer.step, settings.save_every, settings.safetensors, trainer.config_yaml
+            )
         outputs.save_state(run, trainer.state())
     distributed.barrier(trainer.world)

@@ -7,6 +7,9 @@
   repositories load (``--use-ema`` here loads the EMA copy). ``.safetensors`` twins with ``--safetensors``.
   When the model's config cannot be detected from the weights (a v model, a custom or tiny config), each
   checkpoint gets its config beside it (``last.yaml``, ``step-NNNNNNN.yaml``), which the loader reads.
+- ``--lora``: ``lora-last.safetensors`` (replaced at every save), ``lora-step-NNNNNNN.safetensors`` and, with
+  EMA, ``lora-last-ema.safetensors``: kohya / AUTOMATIC1111 LoRA files of the adapters
+  (``ldm-inpaint --lora FILE`` applies them).
 - ``state/trainer.pt``: step, trained weights, optimizer, EMA and loss-scaler state; enough to continue
   exactly (every random draw is keyed by step, see :mod:`.batches`).
 - ``metrics.jsonl``: one JSON row per optimizer step.
@@ -24,6 +27,7 @@ from torch import Tensor
 from ldm_inpaint.checkpoint import to_file_layout
 from ldm_inpaint.checkpoint_files import write_checkpoint
 from ldm_inpaint.files import replace_text, write_atomic, write_new_text
+from ldm_inpaint.lora.network import LoRANetwork
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 from ldm_inpaint.schedule import ddpm_buffers
 from ldm_inpaint.training.ema import Ema
@@ -63,6 +67,20 @@ def save_checkpoint(
             write_checkpoint(entries, run / f"{name}{suffix}", replace=name == "last")
             written.append(run / f"{name}{suffix}")
     return written
+
+
+def save_lora(run: Path, network: LoRANetwork, ema: Ema | None, step: int, every: int) -> None:
+    """The adapters as LoRA files: the latest, a kept one every ``every`` steps, and the EMA's latest."""
+    metadata = {"ss_steps": str(step)}
+    network.save(run / "lora-last.safetensors", metadata, replace=True)
+    if every and step % every == 0:
+        network.save(run / f"lora-step-{step:07d}.safetensors", metadata)
+    if ema is not None:
+        ema.swap()
+        try:
+            network.save(run / "lora-last-ema.safetensors", metadata, replace=True)
+        finally:
+            ema.swap()
 
 
 def save_state(run: Path, state: Mapping[str, object]) -> None:

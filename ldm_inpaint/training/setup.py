@@ -3,8 +3,9 @@ it, and the optimizer, schedule, EMA, data and loss around it (:func:`build`).
 
 Two stages, one loop: ``--stage unet`` trains the UNet with the diffusion loss (VAE and text encoder frozen);
 ``--stage autoencoder`` trains the VAE with L1 + KL (:func:`~.objective.autoencoder_losses`), the first stage
-of a latent diffusion model trained from scratch. EMA follows the UNet only (LitEma's ``model_ema.*`` names are
-those of ``model.``).
+of a latent diffusion model trained from scratch. With ``--lora RANK`` only low-rank adapters on the UNet's
+attention projections train (:class:`~ldm_inpaint.lora.network.LoRANetwork`), the UNet frozen. EMA follows
+what the UNet stage trains (the UNet, or the adapters), never the autoencoder.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from functools import partial
 
 import torch
 import yaml
-from torch import nn
+from torch import Tensor, nn
 
 from ldm_inpaint.checkpoint import DETECTED, config_beside, load_model
 from ldm_inpaint.checkpoint_files import checkpoint_path
 from ldm_inpaint.config import load_config, read_raw_config
+from ldm_inpaint.lora.network import LoRANetwork
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 from ldm_inpaint.schedule import alphas_cumprod
 from ldm_inpaint.tokenizer import tokenize_prompts
@@ -52,6 +54,19 @@ def initial_model(settings: TrainSettings, device: torch.device) -> tuple[Latent
     return model, yaml.safe_dump(raw, sort_keys=False)
 
 
+class Adapted(nn.Module):
+    """The UNet with LoRA adapters attached (``--lora``): what DDP wraps, so that it sees the adapters, the
+    only parameters that train."""
+
+    def __init__(self, unet: nn.Module, network: LoRANetwork) -> None:
+        super().__init__()
+        self.unet = unet
+        self.network = network
+
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
+        return self.unet(x, timesteps, context)
+
+
 def _tokenizer(model: LatentDiffusion):  # noqa: ANN202 - a captions -> ids function
     params = model.config.text_encoder
     return lambda captions: tokenize_prompts(captions, params.pad_token, params.context_length, None).ids
@@ -60,13 +75,20 @@ def _tokenizer(model: LatentDiffusion):  # noqa: ANN202 - a captions -> ids func
 def build(settings: TrainSettings, world: distributed.World) -> Trainer:
     """Model, data, optimizer, EMA and loss of a run, at step 0."""
     model, config_yaml = initial_model(settings, world.device)
+    unet = model.model.diffusion_model
+    unet.checkpointing = settings.grad_checkpointing
     if settings.stage == "autoencoder":
         trained: nn.Module = model.first_stage_model
+        called: nn.Module = trained
+    elif settings.lora is not None:
+        torch.manual_seed(settings.seed)
+        trained = LoRANetwork.create(unet, settings.lora)
+        trained.attach(unet)
+        called = Adapted(unet, trained)
     else:
-        trained = model.model.diffusion_model
-        trained.checkpointing = settings.grad_checkpointing
+        trained = called = unet
     trained.requires_grad_(True).train()
-    wrapped = distributed.wrap(trained, world)
+    wrapped = distributed.wrap(called, world)
     if settings.stage == "autoencoder":
         losses = partial(autoencoder_losses, wrapped, kl_weight=settings.kl_weight)
     else:
