@@ -232,3 +232,18 @@ def test_lora_training_writes_kohya_files_that_inference_applies(files, tmp_path
         == 0
     )
     assert len(list(out.glob("*.png"))) == 1
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_on_the_cpu(files, tmp_path, precision) -> None:
+    """Autocast (and, for fp16, the loss scaler) on the same code path as CUDA; the weights stay float32."""
+    run = tmp_path / precision
+    args = train_args(
+        files["ckpt"], files["data"], run, steps=2, precision=precision, **{"grad-checkpointing": True}
+    )
+    assert main(["train", *args]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor([row["loss"], row["grad_norm"]])).all() for row in rows)
+    weights = unet_weights(run / "last.ckpt")
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    assert any(not torch.equal(w, unet_weights(files["ckpt"])[k]) for k, w in weights.items())
