@@ -7,10 +7,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ldm_inpaint import distributed
 from ldm_inpaint.command import EXIT_BAD_INPUT, Parser
 from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.files import write_new_text
-from ldm_inpaint.training import distributed, loop, outputs, setup
+from ldm_inpaint.training import loop, outputs, setup
 from ldm_inpaint.training import settings as run_settings
 from ldm_inpaint.training.settings import SETTINGS_FILE, SettingsError, TrainSettings
 

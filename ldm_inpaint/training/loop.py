@@ -20,11 +20,12 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ldm_inpaint import distributed
 from ldm_inpaint.devices import PRECISIONS
 from ldm_inpaint.lora.network import LoRANetwork
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 from ldm_inpaint.pipeline import InpaintPipeline
-from ldm_inpaint.training import distributed, outputs, samples
+from ldm_inpaint.training import outputs, samples
 from ldm_inpaint.training.batches import Batch, BatchRecipe, make_batch
 from ldm_inpaint.training.data import ImageFolder
 from ldm_inpaint.training.ema import Ema

@@ -16,6 +16,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from ldm_inpaint import distributed
 from ldm_inpaint.checkpoint import DETECTED, config_beside, load_model
 from ldm_inpaint.checkpoint_files import checkpoint_path
 from ldm_inpaint.config import load_config, read_raw_config
@@ -23,7 +24,6 @@ from ldm_inpaint.lora.network import LoRANetwork
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 from ldm_inpaint.schedule import alphas_cumprod
 from ldm_inpaint.tokenizer import tokenize_prompts
-from ldm_inpaint.training import distributed
 from ldm_inpaint.training.batches import BatchRecipe
 from ldm_inpaint.training.data import ImageFolder
 from ldm_inpaint.training.ema import Ema

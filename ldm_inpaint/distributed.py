@@ -1,8 +1,10 @@
-"""Data parallelism from torchrun's environment, set up at the edge of the trainer.
+"""Several processes from torchrun's environment, set up at the edge of the trainer and the evaluator.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) each process joins the default process group (NCCL on CUDA, gloo on
-the CPU) and trains on its share of every global batch; the UNet is wrapped in ``DistributedDataParallel``,
-which averages gradients. Rank 0 writes every file. Without torchrun everything here is a no-op.
+the CPU): the trainer trains on its share of every global batch, the UNet wrapped in
+``DistributedDataParallel`` (:func:`wrap`), which averages gradients; the evaluator takes its share of the
+files and sums statistics (:func:`total`). Rank 0 writes the shared files. Without torchrun everything here
+is a no-op.
 """
 
 from __future__ import annotations
