@@ -241,6 +241,7 @@ class LoadedModel:
     config: ModelConfig
     skipped: dict[str, list[str]]
     config_source: str  # how the config was found, see resolve_config
+    ema: bool = False  # whether the weights are the file's EMA copy
 
 
 DETECTED = "detected from the checkpoint"  # how a config was found, when nothing named it
@@ -295,13 +296,13 @@ def load_model(
     path: str | Path,
     config: str | Path | ModelConfig | None = None,
     *,
-    use_ema: bool = False,
+    use_ema: bool | None = False,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     pack: bool = False,
 ) -> LoadedModel:
     """Read a checkpoint file and load it into the model of ``config`` (see :func:`build_model`; None: the
-    YAML beside the file, else detected).
+    YAML beside the file, else detected). ``use_ema``: the file's EMA copy of the UNet; None: when it has one.
 
     ``pack``: store the UNet's and the VAE's convolution weights pre-packed for oneDNN
     (:mod:`ldm_inpaint.models.packing`; CPU, float32 or bfloat16): faster CPU inference in the same memory,
@@ -325,7 +326,7 @@ def build_model(
     entries: Mapping[str, object],
     config: str | Path | ModelConfig | None = None,
     *,
-    use_ema: bool = False,
+    use_ema: bool | None = False,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     source: str | Path | None = None,
@@ -333,7 +334,8 @@ def build_model(
     """Build the model of ``config`` (when None: the YAML beside ``source``, else detected from the weights,
     see :func:`config_reference`) on the meta device, without allocating weights, and load the file's
     entries into it strictly (``assign=True``: the model holds the file's tensors, so a memory-mapped file is
-    not copied). ``dtype`` None keeps the file's dtype.
+    not copied). ``dtype`` None keeps the file's dtype. ``use_ema``: the UNet's weights from the file's LitEma
+    copy (``model_ema.*``); None: when the file has one (:attr:`LoadedModel.ema` says which were loaded).
 
     ``source``: the file the entries were memory-mapped from, if any; weights cast to another dtype or moved
     to another device then give back their file pages one at a time (:func:`release_file_pages`), so the
@@ -342,6 +344,7 @@ def build_model(
     sorted_ = sort_entries(entries)
     if sorted_.unknown:
         raise CheckpointError(_describe(sorted_.unknown, "unexpected entries"))
+    use_ema = bool(sorted_.ema) if use_ema is None else use_ema
     weights = apply_ema(sorted_) if use_ema else sorted_.weights
     if not use_ema and sorted_.ema:
         sorted_.skipped["EMA copy (load it with use_ema)"] = list(sorted_.ema)
@@ -354,7 +357,7 @@ def build_model(
             release(tensor)
     _cast(model, torch.device(device), dtype, release)
     model.eval().requires_grad_(False)
-    return LoadedModel(model=model, config=config, skipped=sorted_.skipped, config_source=how)
+    return LoadedModel(model=model, config=config, skipped=sorted_.skipped, config_source=how, ema=use_ema)
 
 
 def copied_text_entries(entries: Mapping[str, object], weights: Mapping[str, Tensor]) -> list[Tensor]:

@@ -18,7 +18,7 @@ from ldm_inpaint.checkpoint_files import checkpoint_path
 from ldm_inpaint.command import EXIT_BAD_INPUT, EXIT_FAILED_ITEMS, Parser, run
 from ldm_inpaint.devices import PRECISIONS, resolve_device
 from ldm_inpaint.errors import LdmInpaintError
-from ldm_inpaint.files import check_output_folder
+from ldm_inpaint.files import check_output_folder, sha256_file
 from ldm_inpaint.pairs import find_pairs
 from ldm_inpaint.runtime import keep_freed_memory
 
@@ -43,6 +43,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "ldm_inpaint.demo",
         "demo_main",
         "inpaint a bundled photo with the bundled demo model (no download)",
+    ),
+    "eval": (
+        "ldm_inpaint.evaluation.cli",
+        "eval_main",
+        "evaluate as the LDM paper: LaMa masks, predictions, FID / LPIPS",
     ),
     "inspect": ("ldm_inpaint.tools", "inspect_main", "report what a checkpoint holds and whether it loads"),
     "train": (
@@ -230,6 +235,23 @@ def _output_bytes(args: argparse.Namespace, items: int) -> int:
     return items * args.n_samples * per_sample
 
 
+def checkpoint_metadata(ckpt: Path, pipeline: InpaintPipeline, device: torch.device) -> dict[str, str]:
+    """What an output PNG records of the model that made it, and of what its exact bits depend on."""
+    metadata = {
+        "checkpoint": ckpt.name,
+        "checkpoint_sha256": sha256_file(ckpt)[:12],
+        "config": pipeline.config.name,
+        "software": f"ldm-inpaint {__version__}",
+        # what bit-identical results also depend on (see the README: Reproducibility)
+        "torch": torch.__version__,
+        "device": str(device),
+        "threads": str(torch.get_num_threads()),
+    }
+    if pipeline.loras:
+        metadata["lora"] = "; ".join(lora.describe() for lora in pipeline.loras)
+    return metadata
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -242,7 +264,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def inpaint_main(argv: Sequence[str]) -> int:
     # The model code, imported once the command line is known to be good.
     from ldm_inpaint.checkpoint import load_model
-    from ldm_inpaint.files import sha256_file
     from ldm_inpaint.models.packing import can_pack
     from ldm_inpaint.pipeline import InpaintPipeline
 
@@ -279,18 +300,7 @@ def inpaint_main(argv: Sequence[str]) -> int:
                 "text-encoder modules",
                 file=sys.stderr,
             )
-        ckpt_meta = {
-            "checkpoint": args.ckpt.name,
-            "checkpoint_sha256": sha256_file(args.ckpt)[:12],
-            "config": pipeline.config.name,
-            "software": f"ldm-inpaint {__version__}",
-            # what bit-identical results also depend on (see the README: Reproducibility)
-            "torch": torch.__version__,
-            "device": str(device),
-            "threads": str(torch.get_num_threads()),
-        }
-        if pipeline.loras:
-            ckpt_meta["lora"] = "; ".join(lora.describe() for lora in pipeline.loras)
+        ckpt_meta = checkpoint_metadata(args.ckpt, pipeline, device)
     except LdmInpaintError as error:
         print(f"ldm-inpaint: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

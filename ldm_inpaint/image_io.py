@@ -282,6 +282,16 @@ def write_png(image: Image.Image, path: str | Path, metadata: Mapping[str, str])
     return Path(path)
 
 
+def write_new_png(image: Image.Image, path: str | Path, metadata: Mapping[str, str]) -> bool:
+    """Write ``path`` in one step (:func:`~ldm_inpaint.files.write_atomic`) unless a file is there already:
+    False then, and nothing written. For outputs named by their inputs (the evaluation's crops and
+    predictions), which a rerun skips."""
+    try:
+        return write_atomic(path, _png_writer(image, metadata))
+    except OSError as error:
+        raise ImageError(f"cannot write {path}: {error.strerror or error}") from None
+
+
 def save_png(image: Image.Image, outdir: str | Path, stem: str, metadata: Mapping[str, str]) -> Path:
     """Write ``outdir/<stem>-NNNNN.png`` with the next free number and return its path.
 

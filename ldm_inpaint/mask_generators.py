@@ -7,7 +7,7 @@ Sources (facts only; the code is ours):
 - ``lama-thick`` / ``lama-medium`` / ``lama-thin``: advimman/lama ``saicinpainting/training/data/masks.py``
   (``MixedMaskGenerator`` over ``RandomIrregularMaskGenerator`` and ``RandomRectangleMaskGenerator``) with
   ``configs/data_gen/random_{thick,medium,thin}_512.yaml``; the selection rule of ``bin/gen_mask_dataset.py``
-  is :func:`draw_eval_mask`.
+  is :func:`draw_eval_crop` (square crops of any image) and :func:`draw_eval_mask` (square images).
 
 Every draw comes from the ``numpy.random.Generator`` the caller passes (:func:`keyed_rng` keys one by
 (seed, step, sample index)), never from a global RNG. A mask is first *planned*, a list of :class:`Stroke` and
@@ -281,17 +281,79 @@ def draw_eval_mask(
     candidates: int = 5,
     max_area: float = 0.5,
 ) -> np.ndarray | None:
-    """LaMa's evaluation mask (``gen_mask_dataset.py``, ``variants_n`` 5, ``max_tamper_area`` 0.5): draw
-    ``candidates`` masks, drop those whose mean exceeds ``max_area``, keep one of the rest uniformly; None when
-    none is left (LaMa then skips the image). LaMa draws on the resized image (shorter side 512) and crops each
-    candidate to a square before the area check; for a square image the crop is the whole image."""
+    """LaMa's evaluation mask for a square image (``gen_mask_dataset.py``, ``variants_n`` 5,
+    ``max_tamper_area`` 0.5): draw ``candidates`` masks, drop those whose mean exceeds ``max_area``, keep one
+    of the rest uniformly; None when none is left (LaMa then tries again, see :func:`draw_eval_crop`). LaMa
+    draws on the resized image (shorter side 512) and crops each candidate to a square before the area check
+    (:func:`draw_eval_crop`); for a square image the crop is the whole image."""
+    _check_eval(kind, candidates, max_area)
+    drawn = [draw_mask(kind, height, width, rng) for _ in range(candidates)]
+    chosen = _keep_one(drawn, max_area, rng)
+    return None if chosen is None else drawn[chosen]
+
+
+@dataclass(frozen=True)
+class EvalCrop:
+    """An evaluation mask (side, side) and the top-left corner of its square in the image it was drawn on."""
+
+    mask: np.ndarray
+    top: int
+    left: int
+
+
+def square_crop(mask: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+    """(top, left) of LaMa's random square crop of a (height, width) mask (``propose_random_square_crop`` in
+    ``saicinpainting/evaluation/masks/mask.py``, with the evaluation configs' ``crop_min_overlap`` 1).
+
+    The side is the shorter one. Along the longer side ``L``, with ``e`` the last row or column the mask
+    covers (values > 0.5), the start is uniform over the integers ``[low, high)`` with ``low = max(0, min(L -
+    side - 1, e - side))`` and ``high = max(low + 1, min(L - side, e))``: windows near the mask's far end (the
+    first one, ``e - side``, stops just short of ``e``, a quirk kept). A square mask is its own crop (LaMa
+    draws a 0 there, we draw nothing); so is an empty one (LaMa fails on it and tries again)."""
+    height, width = mask.shape
+    covered = mask > 0.5
+    along = covered.any(axis=0) if height < width else covered.any(axis=1)
+    if height == width or not along.any():
+        return 0, 0
+    side, length, end = min(height, width), max(height, width), int(np.flatnonzero(along)[-1])
+    low = max(0, min(length - side - 1, end - side))
+    start = int(rng.integers(low, max(low + 1, min(length - side, end))))
+    return (0, start) if height < width else (start, 0)
+
+
+def draw_eval_crop(
+    kind: str,
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    candidates: int = 5,
+    max_area: float = 0.5,
+) -> EvalCrop | None:
+    """One try of LaMa's evaluation mask on a (height, width) image (``gen_mask_dataset.py`` with
+    ``out_square_crop``): draw ``candidates`` masks on the whole image, crop each to its :func:`square_crop`,
+    drop the crops whose mean exceeds ``max_area`` (and empty ones, which LaMa means to drop too), keep one of
+    the rest uniformly; None when none is left, where LaMa tries again with fresh draws (up to 10 times, then
+    gives up on the run). For a square image the mask and its draws are those of :func:`draw_eval_mask`."""
+    _check_eval(kind, candidates, max_area)
+    drawn = [draw_mask(kind, height, width, rng) for _ in range(candidates)]
+    corners = [square_crop(mask, rng) for mask in drawn]
+    side = min(height, width)
+    crops = [
+        mask[top : top + side, left : left + side] for mask, (top, left) in zip(drawn, corners, strict=True)
+    ]
+    chosen = _keep_one(crops, max_area, rng)
+    return None if chosen is None else EvalCrop(crops[chosen], *corners[chosen])
+
+
+def _check_eval(kind: str, candidates: int, max_area: float) -> None:
     _check_kind(kind)
     if candidates < 1 or not 0 < max_area <= 1:
         raise MaskError(
             f"expected candidates >= 1 and 0 < max_area <= 1, found candidates={candidates}, max_area={max_area}"
         )
-    drawn = [draw_mask(kind, height, width, rng) for _ in range(candidates)]
-    kept = [mask for mask in drawn if mask.mean() <= max_area]
-    if not kept:
-        return None
-    return kept[rng.integers(len(kept))]
+
+
+def _keep_one(masks: list[np.ndarray], max_area: float, rng: np.random.Generator) -> int | None:
+    """The index of one of the masks that cover something and at most ``max_area``, uniformly; None if none."""
+    kept = [index for index, mask in enumerate(masks) if 0 < mask.mean() <= max_area]
+    return None if not kept else kept[rng.integers(len(kept))]

@@ -252,11 +252,14 @@ def add_arguments(
     *,
     with_defaults: bool,
     names: Sequence[str] = OPTION_NAMES,
+    base: InpaintOptions | None = None,
 ) -> None:
     """One command-line option per field in ``names`` (``--name-with-dashes``, and ``--ALIAS`` for an alias).
     ``with_defaults``: options default to the fields' defaults and booleans are flags (the inpainting
     command); otherwise every option defaults to None, "not given", and booleans take ``--no-...`` too
-    (ablations, where a spec may set them)."""
+    (ablations, where a spec may set them; the evaluation, whose ``base`` turns paste-back on). ``base``: the
+    defaults the help shows, and with ``with_defaults`` gives (default: the fields' own)."""
+    base = base or InpaintOptions()
     for option in fields(InpaintOptions):
         name = option.name
         if name not in names:
@@ -265,15 +268,10 @@ def add_arguments(
             f"--{alias}" for alias, to in ALIASES.items() if to == name
         ]
         kind, _ = _types()[name]
-        default = (
-            "none"
-            if option.default is None
-            else repr(option.default)
-            if option.default == ""
-            else option.default
-        )
+        value = getattr(base, name)
+        default = "none" if value is None else repr(value) if value == "" else value
         help_text = f"{option.metadata['help']} (default {default})".replace("%", "%%")
-        common = dict(dest=name, help=help_text, default=option.default if with_defaults else None)
+        common = dict(dest=name, help=help_text, default=value if with_defaults else None)
         if kind is bool:
             action = "store_true" if with_defaults else argparse.BooleanOptionalAction
             parser.add_argument(*flags, action=action, **common)

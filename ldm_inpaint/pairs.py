@@ -1,22 +1,28 @@
-"""The image/mask pairs of a batch: a folder of ``X.<ext>`` + ``X_mask.<ext>`` files, or a text file listing
-one ``image mask`` pair per line."""
+"""The image/mask pairs of a batch: a folder of ``X.<ext>`` + ``X_mask.<ext>`` files (or LaMa's numbered
+``X_mask000.<ext>``), or a text file listing one ``image mask`` pair per line."""
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 
 from ldm_inpaint.image_io import IMAGE_EXTENSIONS, MASK_EXTENSIONS, MASK_SUFFIX, ImageError
 
+# The stem of X's mask: X_mask, or X_mask000 as LaMa's evaluation sets name it (``bin/gen_mask_dataset.py``;
+# its readers take the image of ``*mask*.png`` as the name up to the last ``_mask``).
+MASK_STEM = re.compile(rf"(?P<image>.+){MASK_SUFFIX}\d*")
+
 
 def find_pairs(source: str | Path) -> tuple[list[tuple[Path, Path]], list[str]]:
     """The (image, mask) pairs of a batch and the problems found, one sentence per problem.
 
-    ``source`` is either a folder, where every image ``X.<ext>`` pairs with ``X_mask.<ext>`` (any of
-    :data:`IMAGE_EXTENSIONS`, case-insensitive; other files and hidden files are ignored), or a text file with
-    one ``image_path mask_path`` pair per line (see `_pairs_in_list`). An image without its mask, a mask
-    without its image and a malformed line are problems, not exceptions, so that all of them can be reported
-    at once. Folder pairs are sorted by name; list pairs keep the order of the list.
+    ``source`` is either a folder, where every image ``X.<ext>`` pairs with ``X_mask.<ext>`` or
+    ``X_maskNNN.<ext>`` (:data:`MASK_STEM`; any of :data:`IMAGE_EXTENSIONS`, case-insensitive; other files
+    and hidden files are ignored), or a text file with one ``image_path mask_path`` pair per line (see
+    `_pairs_in_list`). An image without its mask, a mask without its image and a malformed line are
+    problems, not exceptions, so that all of them can be reported at once. Folder pairs are sorted by name;
+    list pairs keep the order of the list.
     """
     source = Path(source)
     if source.is_dir():
@@ -34,8 +40,9 @@ def _pairs_in_folder(folder: Path) -> tuple[list[tuple[Path, Path]], list[str]]:
     for path in sorted(folder.iterdir()):
         if not path.is_file() or path.name.startswith("."):
             continue
-        if path.stem.endswith(MASK_SUFFIX) and path.suffix.lower() in MASK_EXTENSIONS:
-            masks[path.stem.removesuffix(MASK_SUFFIX)].append(path)
+        mask_of = MASK_STEM.fullmatch(path.stem)
+        if mask_of and path.suffix.lower() in MASK_EXTENSIONS:
+            masks[mask_of["image"]].append(path)
         elif path.suffix.lower() in IMAGE_EXTENSIONS:
             images[path.stem].append(path)
     if not images and not masks:

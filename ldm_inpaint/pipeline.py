@@ -8,7 +8,8 @@ Conditioning follows the original RunwayML / Stability AI inpainting scripts exa
 4. the sampler's schedule, built once and cut for ``strength`` (``samplers``), walked over the denoiser
    (``denoiser``: guidance, the 9-channel concat, the parameterization);
 5. start noise = ``np.random.RandomState(seed).randn(n, 4, h/8, w/8)`` as float32 (so seeds carry over from
-   the original demos); stochastic DDIM noise from a torch generator seeded with the same seed;
+   the original demos); stochastic DDIM noise from a torch generator seeded with the same seed (several
+   pairs of one size run as one batch, :meth:`InpaintPipeline.inpaint_batch`, each from its own seed);
 6. the sampler's final latent / scale factor -> VAE decoder -> image, cropped back to the input size
    (inputs are edge-padded to multiples of 64, as the SD2 demo does: the UNet halves the latent three times).
 
@@ -32,8 +33,8 @@ lock, and no call leaves process-wide state changed. Messages for the user come 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -42,61 +43,22 @@ import torch.nn.functional as F
 from PIL.Image import Image
 from torch import Tensor
 
-from ldm_inpaint import autoencoding, image_io, masks
+from ldm_inpaint import autoencoding, image_io, inpaint_run, masks
 from ldm_inpaint.checkpoint import load_model
 from ldm_inpaint.compile import compile_unet
-from ldm_inpaint.conditioning import Blend, binarize_mask, inpainting_concat
 from ldm_inpaint.config import ModelConfig
 from ldm_inpaint.denoiser import CountedDenoiser, make_denoiser
 from ldm_inpaint.errors import Cancelled, LdmInpaintError
+from ldm_inpaint.inpaint_run import InpaintResult, per_sample
+from ldm_inpaint.inpaint_run import image_tensor as _as_image_tensor  # noqa: F401 - the tests' name for it
 from ldm_inpaint.lora.merge import AppliedLoRA, LoRASet, LoRASource
 from ldm_inpaint.memo import Memo, digest
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 from ldm_inpaint.models.packing import can_pack
-from ldm_inpaint.options import InpaintOptions, OptionError
+from ldm_inpaint.options import MAX_SEED, InpaintOptions, OptionError
 from ldm_inpaint.samplers import StepCallback, make_schedule, sample
-from ldm_inpaint.samplers.noise import sample_generators, start_noise
 from ldm_inpaint.schedule import alphas_cumprod
 from ldm_inpaint.tokenizer import Tokens, chunk_count, tokenize_prompts
-
-
-@dataclass
-class InpaintResult:
-    """Images (n, 3, H, W) in [-1, 1] at the input size, the final latents (n, 4, h/8, w/8) before decoding,
-    the sampler steps taken, the UNet evaluations made (guidance batches both branches into one), the options
-    the run used (its seed drawn when -1 was asked for) and the messages for the user."""
-
-    images: Tensor
-    latents: Tensor
-    steps_taken: int
-    unet_evaluations: int
-    options: InpaintOptions
-    notes: list[str] = field(default_factory=list)
-
-    def to_pil(self) -> list[Image]:
-        return image_io.tensor_to_pil(self.images)
-
-
-def _height_width(image: Image | Tensor) -> tuple[int, int]:
-    return (image.height, image.width) if isinstance(image, Image) else tuple(image.shape[-2:])
-
-
-def _as_image_tensor(image: Image | Tensor) -> Tensor:
-    return image_io.image_to_tensor(image) if isinstance(image, Image) else image.float()
-
-
-def _as_mask_tensor(mask: Image | Tensor, notes: list[str]) -> Tensor:
-    """The binary mask; a note says how many pixels were soft (neither black nor white) before binarizing."""
-    if isinstance(mask, Image):
-        soft = image_io.soft_pixels(mask)
-        binary = image_io.mask_to_tensor(mask)
-    else:
-        soft = int(((mask > 0) & (mask < 1)).sum())
-        binary = binarize_mask(mask)
-    if soft:
-        total = binary.numel()
-        notes.append(f"the mask has {soft} of {total} pixels neither black nor white: binarized at 0.5")
-    return binary
 
 
 class InpaintPipeline:
@@ -269,17 +231,53 @@ class InpaintPipeline:
         The options' meaning is in :class:`~ldm_inpaint.options.InpaintOptions`; a seed of -1 draws a fresh
         one, which ``result.options.seed`` records.
         """
+        options = self._options(options, changes, has_image=image is not None, has_mask=mask is not None)
+        return self._serialized([(image, mask)], [options.seed], options, start_latent, callback)
+
+    def inpaint_batch(
+        self,
+        pairs: Sequence[tuple[Image | Tensor, Image | Tensor]],
+        seeds: Sequence[int],
+        options: InpaintOptions | None = None,
+        *,
+        callback: StepCallback | None = None,
+        **changes: object,
+    ) -> InpaintResult:
+        """Inpaint several (image, mask) pairs of one size in one sampler loop, each UNet call taking them all.
+
+        Pair i is run as ``self(image_i, mask_i, options, seed=seeds[i])`` runs it: its noise comes from
+        ``seeds[i]`` alone, its conditioning from its own pair; only the batch the kernels see differs, which
+        on the CPU moves results by float rounding (equal batches give equal bits). ``result.images`` holds
+        ``n_samples`` rows per pair, pair after pair; ``options.seed`` is unused. Not with ``crop_to_mask``,
+        whose boxes differ in size from pair to pair.
+        """
+        options = self._options(options, changes, has_image=True, has_mask=True)
+        missing = sum(image is None or mask is None for image, mask in pairs)
+        if not pairs or missing or len(pairs) != len(seeds) or options.crop_to_mask is not None:
+            raise OptionError(
+                f"expected (image, mask) pairs with one seed each and no crop-to-mask, found {len(pairs)} "
+                f"pairs ({missing} without image or mask), {len(seeds)} seeds, crop-to-mask {options.crop_to_mask}"
+            )
+        if not all(isinstance(seed, int) and 0 <= seed <= MAX_SEED for seed in seeds):
+            raise OptionError(f"seeds: expected integers 0..{MAX_SEED}, found {list(seeds)}")
+        return self._serialized(list(pairs), list(seeds), options, None, callback)
+
+    def _options(
+        self, options: InpaintOptions | None, changes: dict[str, object], has_image: bool, has_mask: bool
+    ) -> InpaintOptions:
+        """``options`` with ``changes``, validated, with a concrete seed."""
         try:
             options = replace(options or InpaintOptions(), **changes)
         except TypeError as error:
             raise OptionError(f"{error}; options are the fields of InpaintOptions") from None
-        options.validate(
-            has_image=image is not None, has_mask=mask is not None, timesteps=self.config.schedule.timesteps
-        )
-        options = options.with_seed()
+        options.validate(has_image=has_image, has_mask=has_mask, timesteps=self.config.schedule.timesteps)
+        return options.with_seed()
+
+    def _serialized(self, *run: object) -> InpaintResult:
+        """:meth:`_run` under the lock; ``Cancelled`` raised again once the sampler's tensors are gone."""
         with self.lock:
             try:
-                return self._run(image, mask, options, start_latent, callback)
+                return self._run(*run)
             except Cancelled as cancelled:
                 reason = str(cancelled)
         # Raised here, after the sampler's frames (and the tensors they held) are gone.
@@ -287,128 +285,71 @@ class InpaintPipeline:
 
     def _run(
         self,
-        image: Image | Tensor | None,
-        mask: Image | Tensor | None,
+        pairs: list[tuple[Image | Tensor | None, Image | Tensor | None]],
+        seeds: list[int],
         options: InpaintOptions,
         start_latent: Tensor | None,
         callback: StepCallback | None,
     ) -> InpaintResult:
+        """One run of the pairs (one pair, or several of one size), seeded ``seeds``."""
         notes: list[str] = []
-        size = (options.height, options.width)
-        given = (self.native_side, self.native_side) if image is None else _height_width(image)
-        height, width = size[0] or given[0], size[1] or given[1]
-        image_io.check_pixels(width, height, self.max_pixels, "the image to work on")
-        if image is None:
-            # text-to-image: a mid-gray (0) stand-in, never encoded as a start; an inpainting model sees it
-            # fully masked
-            image, size = torch.zeros(1, 3, height, width), (None, None)
-        image = _as_image_tensor(image)
-        if mask is not None:
-            mask = masks.grow(_as_mask_tensor(mask, notes), options.mask_grow)
-            if image.shape[-2:] != mask.shape[-2:]:
-                raise LdmInpaintError(
-                    f"image is {tuple(image.shape[-2:])} (h, w) but mask is {tuple(mask.shape[-2:])}; "
-                    "resize the mask"
-                )
+        image, mask, size = inpaint_run.input_tensors(
+            pairs, options, self.native_side, self.max_pixels, notes
+        )
         inpaint = partial(
-            self._inpaint, options=options, start_latent=start_latent, callback=callback, notes=notes
+            self._inpaint,
+            seeds=seeds,
+            options=options,
+            start_latent=start_latent,
+            callback=callback,
+            notes=notes,
         )
         if options.crop_to_mask is not None:
-            return self._inpaint_box(inpaint, image, mask, options)
-        if size != (None, None):
-            size = (size[0] or image.shape[-2], size[1] or image.shape[-1])
+            return inpaint_run.inpaint_box(inpaint, image, mask, options, self.native_size)
+        if size is not None:
             image = F.interpolate(image, size=size, mode="bicubic", antialias=True, align_corners=False)
             mask = None if mask is None else F.interpolate(mask, size=size, mode="nearest")
         result = inpaint(image, mask)
         if options.paste_back:
-            result.images = masks.composite(image, result.images, masks.blur(mask, options.mask_blur))
+            alpha = per_sample(masks.blur(mask, options.mask_blur), options.n_samples)
+            result.images = masks.composite(per_sample(image, options.n_samples), result.images, alpha)
         return result
-
-    def _inpaint_box(
-        self,
-        inpaint: Callable[[Tensor, Tensor], InpaintResult],
-        image: Tensor,
-        mask: Tensor,
-        options: InpaintOptions,
-    ) -> InpaintResult:
-        """Inpaint the padded box around the mask at the native size and composite it into the full image."""
-        box = masks.bounding_box(mask, options.crop_to_mask)
-        if box is None:
-            return inpaint(image, mask)
-        top, left, bottom, right = box
-        box_image, box_mask = image[..., top:bottom, left:right], mask[..., top:bottom, left:right]
-        size = self.native_size(bottom - top, right - left)
-        result = inpaint(
-            F.interpolate(box_image, size=size, mode="bicubic", antialias=True, align_corners=False),
-            F.interpolate(box_mask, size=size, mode="nearest"),
-        )
-        # (n, 3, native h, native w) -> (n, 3, box h, box w)
-        painted = F.interpolate(result.images, size=box_image.shape[-2:], mode="bicubic", antialias=True)
-        images = image.expand(len(painted), -1, -1, -1).clone()
-        alpha = masks.blur(box_mask, options.mask_blur)
-        images[..., top:bottom, left:right] = masks.composite(box_image, painted, alpha)
-        return replace(result, images=images)
-
-    def _image_conditioning(
-        self, image: Tensor, mask: Tensor | None, x_T: Tensor, options: InpaintOptions, notes: list[str]
-    ) -> tuple[Tensor | None, Tensor | None, Blend | None]:
-        """What a run takes from the (padded) image and mask (None: repaint everything), for a start noise
-        ``x_T`` (n, 4, h, w) on the model's device:
-
-        - the full image's latent (n, 4, h, w), float32: the start of a strength < 1 run and the known region
-          of a blended one (else None);
-        - an inpainting model's ``concat`` = cat(mask, masked-image latent) (n, 5, h, w) (else None);
-        - a text-to-image model's :class:`~ldm_inpaint.conditioning.Blend` when there is a mask (else None).
-        """
-        latent_size = tuple(x_T.shape[-2:])
-        encode = partial(self._latent, tile=options.tiling, notes=notes)
-        needs_image_latent = options.strength < 1 or (mask is not None and not self.config.is_inpainting)
-        image_latent = encode(image).float().expand_as(x_T) if needs_image_latent else None
-        if self.config.is_inpainting:
-            repaint = torch.ones_like(image[:, :1]) if mask is None else mask
-            concat = inpainting_concat(encode, image, repaint, latent_size, options.mask_mode)
-            return image_latent, concat.expand(len(x_T), -1, -1, -1), None
-        if mask is None:
-            return image_latent, None, None
-        keep = 1 - masks.to_latent(mask, latent_size, options.mask_mode).to(x_T.device)
-        return image_latent, None, Blend(known=image_latent, keep=keep, noise=x_T)
 
     def _inpaint(
         self,
         image: Tensor,
         mask: Tensor | None,
         *,
+        seeds: list[int],
         options: InpaintOptions,
         start_latent: Tensor | None,
         callback: StepCallback | None,
         notes: list[str],
     ) -> InpaintResult:
-        """One run on a (1, 3, H, W) image and a (1, 1, H, W) mask (None: repaint everything) of the final
-        size."""
+        """One run on (b, 3, H, W) images and (b, 1, H, W) masks (None: repaint everything) of the final
+        size, image i seeded ``seeds[i]``. An empty mask gives its image back unchanged."""
         n_samples = options.n_samples
         image, out_size = image_io.pad_to_multiple(image, self.size_multiple)
         latent_size = (image.shape[-2] // self.latent_factor, image.shape[-1] // self.latent_factor)
         if mask is not None:
             mask, _ = image_io.pad_to_multiple(mask, self.size_multiple)
-            if not mask.any():
-                notes.append("the mask is empty (nothing to repaint): returning the input image")
-                latent = self._latent(image, options.tiling, notes).float().cpu()
-                images = image_io.crop(image, out_size).expand(n_samples, -1, -1, -1).clone()
-                latents = latent.expand(n_samples, -1, -1, -1).clone()
-                return InpaintResult(images, latents, 0, 0, options, notes)
+        empty = torch.zeros(len(image), dtype=torch.bool) if mask is None else ~mask.flatten(1).any(dim=1)
+        if empty.all():
+            notes.append("the mask is empty (nothing to repaint): returning the input image")
+            return InpaintResult(*self._given(image, out_size, options, notes), 0, 0, options, notes)
         device = self.model.device
-        x_T = (
-            start_noise(options.seed, n_samples, latent_size)
-            if start_latent is None
-            else start_latent.float()
-        )
-        expected_shape = (n_samples, 4, *latent_size)
+        x_T, generators = inpaint_run.item_noise(seeds, n_samples, latent_size, device)
+        if start_latent is not None:
+            x_T = start_latent.float().to(device)
+        expected_shape = (len(seeds) * n_samples, 4, *latent_size)
         if tuple(x_T.shape) != expected_shape:
             raise LdmInpaintError(f"start latent must have shape {expected_shape}, found {tuple(x_T.shape)}")
-        x_T = x_T.to(device)
 
-        image_latent, concat, blend = self._image_conditioning(image, mask, x_T, options, notes)
-        prompts = [options.prompt] * n_samples
+        encode = partial(self._latent, tile=options.tiling, notes=notes)
+        image_latent, concat, blend = inpaint_run.image_conditioning(
+            encode, self.config.is_inpainting, image, mask, x_T, options
+        )
+        prompts = [options.prompt] * len(x_T)
         # Long prompts: every context (prompt and negative) gets the same number of 75-token windows.
         chunks = None
         if options.long_prompts:
@@ -416,7 +357,7 @@ class InpaintPipeline:
         context = self._context(prompts, chunks, notes)
         uncond_context = None
         if options.guidance_scale != 1.0:
-            uncond_context = self._context([options.negative_prompt] * n_samples, chunks, notes)
+            uncond_context = self._context([options.negative_prompt] * len(x_T), chunks, notes)
         denoiser = CountedDenoiser(
             make_denoiser(
                 self.unet,
@@ -437,12 +378,24 @@ class InpaintPipeline:
             schedule,
             init=image_latent,
             eta=options.eta,
-            generator=sample_generators(options.seed, n_samples, device),
+            generator=generators,
             callback=callback,
         )
         if blend is not None:
             latents = blend.finish(latents)
         images = image_io.crop(self.decode(latents, options.tiling, notes), out_size)
-        return InpaintResult(
-            images.cpu(), latents.float().cpu(), len(schedule), denoiser.calls, options, notes
-        )
+        images, latents = images.cpu(), latents.float().cpu()
+        if empty.any():
+            notes.append(
+                f"{int(empty.sum())} of {len(empty)} masks are empty: their images come back as given"
+            )
+            given = self._given(image, out_size, options, notes)
+            images, latents = inpaint_run.with_given((images, latents), given, empty, n_samples)
+        return InpaintResult(images, latents, len(schedule), denoiser.calls, options, notes)
+
+    def _given(
+        self, image: Tensor, size: tuple[int, int], options: InpaintOptions, notes: list[str]
+    ) -> tuple[Tensor, Tensor]:
+        """What empty masks give: the (padded) images cropped to ``size`` and their latents, n rows each."""
+        n, latents = options.n_samples, self._latent(image, options.tiling, notes).float().cpu()
+        return per_sample(image_io.crop(image, size), n), per_sample(latents, n)
