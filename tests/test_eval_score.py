@@ -318,6 +318,24 @@ def test_a_missing_weights_file_is_one_line_naming_it(which, folders, weights, t
         f"{tmp_path / 'absent.pth'}, found nothing; download it from {published.url} and pass its path with "
         f"{published.option}\n"
     )
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_file_that_is_not_the_weights_is_one_line(folders, weights, tmp_path, capsys) -> None:
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a pickle")
+    assert score_main(_arguments(folders, {**weights, "inception": junk}, tmp_path / "report")) == 2
+    assert capsys.readouterr().err.startswith(
+        f"ldm-inpaint eval score: error: {junk}: expected the FID Inception weights "
+        f"({features.FID_INCEPTION.name}, a PyTorch state dict), could not read it ("
+    )
+    assert score_main(_arguments(folders, {**weights, "inception": weights["vgg"]}, tmp_path / "report")) == 2
+    assert capsys.readouterr().err == (
+        f"ldm-inpaint eval score: error: {weights['vgg']}: expected the FID Inception weights "
+        f"({features.FID_INCEPTION.name}); its tensors do not fit the network: 566 missing "
+        "['Conv2d_1a_3x3.bn.bias', 'Conv2d_1a_3x3.bn.num_batches_tracked', 'Conv2d_1a_3x3.bn.running_mean'], "
+        "27 unexpected ['classifier.6.bias', 'features.0.bias', 'features.0.weight']\n"
+    )
 
 
 def test_an_existing_report_is_never_overwritten(folders, weights, tmp_path, capsys) -> None:

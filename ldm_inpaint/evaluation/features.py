@@ -17,7 +17,6 @@ restricted unpickler (tensors and plain containers only).
 
 from __future__ import annotations
 
-import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +58,6 @@ _POOL3_PATH = (
 # lpips ``pretrained_networks.vgg16``: torchvision ``vgg16().features[start:stop]`` becomes ``slice<k>``, each
 # layer keeping its index as its name (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 end the slices).
 LPIPS_VGG_SLICES = ((1, 0, 4), (2, 4, 9), (3, 9, 16), (4, 16, 23), (5, 23, 30))
-_LOAD_ERRORS = (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError)
 
 
 @dataclass(frozen=True)
@@ -98,7 +96,9 @@ def read_weights(path: str | Path, weights: WeightsFile) -> dict[str, Tensor]:
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except _LOAD_ERRORS as error:
+    except (
+        Exception
+    ) as error:  # a damaged pickle makes the restricted unpickler raise anything (KeyError, ...)
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise LdmInpaintError(
             f"{path}: expected the {weights.what} ({weights.name}, a PyTorch state dict), could not read it "
@@ -121,10 +121,18 @@ def _load_exactly(module: nn.Module, state: dict[str, Tensor], weights: WeightsF
         missing = sorted(expected.keys() - state.keys())
         unexpected = sorted(state.keys() - expected.keys())
         reshaped = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
+        found = [
+            f"{len(keys)} {kind} {keys[:3]}"
+            for kind, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("of another shape", reshaped),
+            )
+            if keys
+        ]
         raise LdmInpaintError(
-            f"{path}: expected the {weights.what} ({weights.name}); the tensors do not fit the network: "
-            f"{len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
-            f"{len(reshaped)} of another shape {reshaped[:3]}"
+            f"{path}: expected the {weights.what} ({weights.name}); its tensors do not fit the network: "
+            f"{', '.join(found) or str(error).splitlines()[0]}"
         ) from error
 
 

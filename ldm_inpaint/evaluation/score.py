@@ -326,7 +326,6 @@ def score_main(argv: Sequence[str]) -> int:
     try:
         world = distributed.join(args.device)
         items, problems = match_files(args.pred, args.real, args.masks)
-        report.check_report_folder(args.out)
         if world.is_main:
             for problem in problems:
                 print(f"{PROG}: {problem}", file=sys.stderr)
@@ -335,6 +334,7 @@ def score_main(argv: Sequence[str]) -> int:
                 f"no prediction in {args.pred} has its real image in {args.real}: nothing to score"
             )
         scorers = load_scorers(args.inception_weights, args.lpips_weights, world.device)
+        report.check_report_folder(args.out)
         scores = score_items(items, scorers, args.batch_size, world)
         if world.is_main:
             for failure in scores.failures:
