@@ -3,20 +3,23 @@
 Under ``torchrun`` (``WORLD_SIZE`` > 1) each process joins the default process group (NCCL on CUDA, gloo on
 the CPU): the trainer trains on its share of every global batch, the UNet wrapped in
 ``DistributedDataParallel`` (:func:`wrap`), which averages gradients; the evaluator takes its share of the
-files and sums statistics (:func:`total`). Rank 0 writes the shared files. Without torchrun everything here
-is a no-op.
+files, sums statistics (:func:`total`) and gathers per-file results (:func:`gathered`). Rank 0 writes the
+shared files. Without torchrun everything here is a no-op.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from ldm_inpaint.devices import resolve_device
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -71,3 +74,12 @@ def total(value: Tensor, world: World) -> Tensor:
 def barrier(world: World) -> None:
     if world.size > 1:
         dist.barrier()
+
+
+def gathered(items: list[T], world: World) -> list[T]:
+    """Every process's ``items`` (picklable), concatenated in rank order; the same list on every process."""
+    if world.size == 1:
+        return list(items)
+    parts: list[list[T] | None] = [None] * world.size
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
