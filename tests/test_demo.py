@@ -36,5 +36,7 @@ def test_the_report_shows_the_trained_model_beating_the_untrained_one_and_the_me
     """The held-out numbers the README quotes (scripts/train_demo.py writes them)."""
     report = json.loads((REPO / "examples" / "demo-report.json").read_text())
     trained = report["trained"]["mae_inside_mask"]
-    assert trained < report["untrained"]["mae_inside_mask"] and trained < report["mean fill"]["mae_inside_mask"]
+    assert (
+        trained < report["untrained"]["mae_inside_mask"] and trained < report["mean fill"]["mae_inside_mask"]
+    )
     assert (REPO / "examples" / "demo-report.png").is_file()

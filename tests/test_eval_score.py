@@ -30,6 +30,7 @@ from skimage.transform import resize
 from ldm_inpaint.evaluation import features, metrics, report
 from ldm_inpaint.evaluation.score import Record, Scores, match_files, score_main, scoring_throughput
 from tests.conftest import REPO
+from tests.eval_weights import make_weights
 
 # Float parity: the same numbers reached by another order of float operations (moments vs centered features,
 # batches of another size, sums over processes) agree to this relative error.
@@ -42,30 +43,9 @@ MASK_ROWS = (3, 10, 16, 23, 29, 52)
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 
 
-def _save_legacy(state: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path, _use_new_zipfile_serialization=False)
-
-
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> dict[str, Path]:
-    """Random FID Inception (He-initialized convolutions, so that pool3 features are of order one) and VGG16
-    features (plus one classifier tensor, which LPIPS skips), where torch hub would cache the published
-    files."""
-    hub = tmp_path_factory.mktemp("hub")
-    torch.manual_seed(0)
-    inception = features.fid_inception_network()
-    for module in inception.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    vgg = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
-    vgg_state = {f"features.{key}": value for key, value in vgg.state_dict().items()}
-    vgg_state["classifier.6.bias"] = torch.zeros(1000)
-    paths = {"hub": hub, "inception": hub / "checkpoints" / features.FID_INCEPTION.name}
-    paths["vgg"] = hub / "checkpoints" / features.VGG16.name
-    _save_legacy(inception.state_dict(), paths["inception"])
-    _save_legacy(vgg_state, paths["vgg"])
-    return paths
+    return make_weights(tmp_path_factory.mktemp("hub"))
 
 
 def _photo(index: int) -> np.ndarray:

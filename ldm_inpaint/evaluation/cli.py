@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from collections.abc import Sequence
 
-from ldm_inpaint.command import Parser
+from ldm_inpaint.command import EXIT_BAD_INPUT, Parser
 
 # Stage -> (module, its main(argv), what it does), in protocol order.
 STAGES: dict[str, tuple[str, str, str]] = {
@@ -46,4 +47,13 @@ def build_parser() -> Parser:
 def eval_main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     module, function, _ = STAGES[args.stage]
-    return getattr(importlib.import_module(module), function)(args.arguments)
+    try:
+        stage = getattr(importlib.import_module(module), function)
+    except ImportError as error:
+        print(
+            f"ldm-inpaint eval: error: {error.name or error} is not installed; the evaluation needs the eval "
+            'extra: pip install "ldm-inpaint[eval]" (or -e ".[eval]" in a checkout)',
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    return stage(args.arguments)
