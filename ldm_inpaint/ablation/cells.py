@@ -31,6 +31,7 @@ class Cell:
     position: tuple[object, ...]
     hash: str
     loras: tuple[LoRARef, ...] = ()
+    setting: str = ""  # the hash of everything but the pair: one per evaluated setting (--eval-data)
 
 
 def checkpoint_identity(ref: CheckpointRef, use_ema: bool) -> dict[str, object]:
@@ -72,7 +73,10 @@ def expand(study: Study, precision: str) -> list[Cell]:
                 loras = values.get(LORA, study.fixed.get(LORA, ()))
                 if loras:  # studies without LoRAs keep the hashes they always had
                     identity[LORA] = lora_identity(loras)
-                cells.append(Cell(pair, ref, sha256, parameters, position, cell_hash(identity), loras))
+                setting = cell_hash({key: value for key, value in identity.items() if key != "pair"})
+                cells.append(
+                    Cell(pair, ref, sha256, parameters, position, cell_hash(identity), loras, setting)
+                )
     return cells
 
 

@@ -25,6 +25,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
 
 from ldm_inpaint import options
 from ldm_inpaint.ablation.cells import expand, write_spec
@@ -36,6 +39,9 @@ from ldm_inpaint.checkpoint_files import checkpoint_path
 from ldm_inpaint.command import Parser
 from ldm_inpaint.devices import PRECISIONS, resolve_device
 from ldm_inpaint.errors import LdmInpaintError
+
+if TYPE_CHECKING:
+    from ldm_inpaint.ablation.evaluation import Evaluator
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,11 +92,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fixed = parser.add_argument_group("fixed parameters (default: the ldm-inpaint command's)")
     options.add_arguments(fixed, with_defaults=False, names=options.SWEEPABLE)
+    evaluation = parser.add_argument_group(
+        "dataset metrics of every setting (the evaluation protocol's FID, LPIPS, SSIM, PSNR; needs the eval extra)"
+    )
+    evaluation.add_argument(
+        "--eval-data", type=Path, help="folder of crop/mask pairs (ldm-inpaint eval masks)"
+    )
+    evaluation.add_argument(
+        "--inception-weights", type=Path, help="pytorch-fid's Inception file (with --eval-data)"
+    )
+    evaluation.add_argument("--lpips-weights", type=Path, help="torchvision's VGG16 file (none: no LPIPS)")
+    evaluation.add_argument("--eval-batch-size", type=int, default=4, help="pairs per UNet call (default 4)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
         "--precision", default="fp32", choices=sorted(PRECISIONS), help="weights/compute dtype"
     )
     return parser
+
+
+def _evaluator(args: argparse.Namespace, device: torch.device) -> Evaluator | None:
+    """The dataset evaluation of ``--eval-data``, checked; None without it."""
+    if args.eval_data is None:
+        return None
+    if args.inception_weights is None:
+        raise LdmInpaintError(
+            "--eval-data needs --inception-weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)"
+        )
+    if args.eval_batch_size < 1:
+        raise LdmInpaintError(f"--eval-batch-size: expected a positive number, found {args.eval_batch_size}")
+    try:
+        from ldm_inpaint.ablation.evaluation import Evaluator
+    except ImportError as error:
+        raise LdmInpaintError(
+            f'--eval-data needs the eval extra ({error.name} is missing): pip install "ldm-inpaint[eval]"'
+        ) from None
+    evaluator = Evaluator(
+        args.eval_data, args.inception_weights, args.lpips_weights, args.eval_batch_size, args.out, device
+    )
+    evaluator.check()
+    return evaluator
 
 
 def ablate_main(argv: Sequence[str] | None = None) -> int:
@@ -115,15 +155,27 @@ def ablate_main(argv: Sequence[str] | None = None) -> int:
             f"{PROG}: reproduce with: ldm-inpaint ablate --spec {spec_path} --out {args.out}{precision}",
             file=sys.stderr,
         )
-        Runner(study, args.out, device, args.precision, results).run(cells)
+        evaluator = _evaluator(args, device)
+        Runner(study, args.out, device, args.precision, results, evaluator).run(cells)
         for path in write_grids(study, cells, results, args.out):
             print(path)
+        if evaluator is not None:
+            from ldm_inpaint.ablation.evaluation import summary_rows, write_summary
+
+            for path in write_summary(study, summary_rows(study, cells, evaluator), args.out):
+                print(path)
     except LdmInpaintError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     print(results.jsonl)
     print(results.csv)
     failed = [(cell, results.latest(cell)) for cell in cells if not results.finished(cell)]
+    if evaluator is not None and evaluator.failed:
+        print(f"{PROG}: {len(evaluator.failed)} setting(s) not evaluated:", file=sys.stderr)
+        for line in evaluator.failed:
+            print(f"  {line}", file=sys.stderr)
+        if not failed:
+            return 1
     if failed:
         print(f"{PROG}: {len(failed)} of {len(cells)} cell(s) failed:", file=sys.stderr)
         for cell, row in failed:

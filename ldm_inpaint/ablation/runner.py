@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -24,6 +25,9 @@ from ldm_inpaint.models.packing import can_pack
 from ldm_inpaint.options import InpaintOptions
 from ldm_inpaint.pipeline import InpaintPipeline
 
+if TYPE_CHECKING:  # the evaluation needs the eval extra; the runner only holds one
+    from ldm_inpaint.ablation.evaluation import Evaluator
+
 PROG = "ldm-inpaint ablate"
 
 
@@ -36,6 +40,7 @@ class Runner:
     device: torch.device
     precision: str
     results: Results
+    evaluator: Evaluator | None = None  # --eval-data: the dataset metrics of every setting
 
     def base_row(self, cell: Cell) -> dict[str, object]:
         return {
@@ -70,20 +75,23 @@ class Runner:
         )
 
     def run(self, cells: list[Cell]) -> None:
-        """Every unfinished cell, checkpoint by checkpoint; a checkpoint without work is not loaded."""
+        """Every unfinished cell (and unevaluated setting), checkpoint by checkpoint; a checkpoint without work
+        is not loaded."""
         pending = [cell for cell in cells if not self.results.finished(cell)]
         with tqdm(
             total=len(cells), initial=len(cells) - len(pending), unit="cell", desc="ablate", file=sys.stderr
         ) as bar:
             for ref in self.study.checkpoints:
                 todo = [cell for cell in pending if cell.checkpoint == ref]
-                if todo:
-                    self.run_checkpoint(ref, todo, bar)
+                mine = [cell for cell in cells if cell.checkpoint == ref]
+                settings = self.evaluator.pending(mine) if self.evaluator is not None else []
+                if todo or settings:
+                    self.run_checkpoint(ref, todo, bar, settings)
                     gc.collect()  # the checkpoint's pipeline is gone: free it before loading the next
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
 
-    def run_checkpoint(self, ref: CheckpointRef, cells: list[Cell], bar: tqdm) -> None:
+    def run_checkpoint(self, ref: CheckpointRef, cells: list[Cell], bar: tqdm, settings: list[Cell]) -> None:
         try:
             dtype = PRECISIONS[self.precision]
             loaded = load_model(
@@ -98,23 +106,42 @@ class Runner:
             for cell in cells:
                 self.record(self.base_row(cell), error=f"cannot load the checkpoint: {error}")
                 bar.update(1)
+            for cell in settings:
+                bar.write(
+                    f"{PROG}: eval {cell.setting}: cannot load the checkpoint: {error}", file=sys.stderr
+                )
             return
         bar.write(
             f"{PROG}: {ref.path.name}: config {loaded.config.name} ({loaded.config_source})", file=sys.stderr
         )
         pipeline = InpaintPipeline(loaded.model)
+
         # cells with the same LoRAs together: each change of LoRAs re-merges the weights
-        for cell in sorted(cells, key=lambda cell: [(str(ref.path), ref.weight) for ref in cell.loras]):
+        def by_loras(cell: Cell) -> list[tuple[str, float]]:
+            return [(str(ref.path), ref.weight) for ref in cell.loras]
+
+        for cell in sorted(cells, key=by_loras):
             bar.set_postfix_str(f"{cell.pair.name} {cell.hash}")
             self.run_cell(pipeline, cell, self.base_row(cell) | {"config": pipeline.config.name})
             bar.update(1)
+        for cell in sorted(settings, key=by_loras):
+            bar.set_postfix_str(f"eval {cell.setting}")
+            try:
+                self.use_loras(pipeline, cell)
+                self.evaluator.evaluate(pipeline, cell)
+            except (LdmInpaintError, RuntimeError) as error:
+                self.evaluator.failed.append(f"eval {cell.setting}: {error}")
+
+    @staticmethod
+    def use_loras(pipeline: InpaintPipeline, cell: Cell) -> None:
+        loras = [(ref.path, ref.weight) for ref in cell.loras]
+        if [(lora.lora.path, lora.weight) for lora in pipeline.loras] != loras:
+            pipeline.set_loras(loras)
 
     def run_cell(self, pipeline: InpaintPipeline, cell: Cell, row: dict[str, object]) -> None:
         start = time.perf_counter()
         try:
-            loras = [(ref.path, ref.weight) for ref in cell.loras]
-            if [(lora.lora.path, lora.weight) for lora in pipeline.loras] != loras:
-                pipeline.set_loras(loras)
+            self.use_loras(pipeline, cell)
             result = pipeline(cell.pair.image, cell.pair.mask, InpaintOptions(**cell.parameters))
         except (LdmInpaintError, RuntimeError) as error:
             self.record(row, error=str(error), wall_seconds=time.perf_counter() - start)

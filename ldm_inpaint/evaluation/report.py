@@ -192,33 +192,42 @@ def _value(row: dict, key: str) -> float | None:
 
 def chart(bins: list[dict]) -> Image.Image:
     """Four bar charts (FID, LPIPS, SSIM, PSNR) of the mean by mask-area bin, the paper's bin in orange."""
-    width, height, margin = 480, 300, 40
+    labels = [row["bin"].removesuffix("%") for row in bins]
+    return bar_charts(labels, bins, "by mask area", "mask area, % of the image", highlight=PAPER_BIN)
+
+
+def bar_charts(
+    labels: list[str], rows: list[dict], what: str, axis: str, highlight: int | None = None
+) -> Image.Image:
+    """Four bar charts (FID, LPIPS, SSIM, PSNR), one bar per row (a :func:`summarize` dict) labelled by
+    ``labels``, bar ``highlight`` in orange: a report's bins, or a study's settings."""
+    width, height, margin = max(480, 40 + 64 * len(rows)), 300, 40
     image = Image.new("RGB", (2 * width, 2 * height), "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
     for panel, (key, title, lower_better, decimals) in enumerate(METRICS):
         left, top = (panel % 2) * width, (panel // 2) * height
-        values = [_value(row, key) for row in bins]
+        values = [_value(row, key) for row in rows]
         top_value = max((value for value in values if value is not None), default=0.0) or 1.0
         draw.text(
             (left + margin, top + 10),
-            f"{title} by mask area ({'lower' if lower_better else 'higher'} is better)",
+            f"{title} {what} ({'lower' if lower_better else 'higher'} is better)",
             fill="black",
             font=font,
         )
         base, plot_height = top + height - margin, height - 2 * margin - 10
         draw.line([(left + margin, base), (left + width - 10, base)], fill="black")
-        slot = (width - margin - 10) / len(bins)
-        for index, (row, value) in enumerate(zip(bins, values, strict=True)):
+        slot = (width - margin - 10) / len(rows)
+        for index, (label, value) in enumerate(zip(labels, values, strict=True)):
             x0 = left + margin + index * slot + 4
-            draw.text((x0, base + 5), row["bin"].removesuffix("%"), fill="black", font=font)
+            draw.text((x0, base + 5), label, fill="black", font=font)
             if value is None:
                 continue
             y = base - plot_height * max(value, 0.0) / top_value
-            color = (230, 140, 30) if index == PAPER_BIN else (70, 110, 180)
+            color = (230, 140, 30) if index == highlight else (70, 110, 180)
             draw.rectangle([x0, y, x0 + slot - 8, base], fill=color)
             draw.text((x0, y - 12), f"{value:.{decimals}f}", fill="black", font=font)
-    draw.text((10, 2 * height - 14), "mask area, % of the image", fill="black", font=font)
+    draw.text((10, 2 * height - 14), axis, fill="black", font=font)
     return image
 
 

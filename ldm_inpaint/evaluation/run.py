@@ -80,9 +80,7 @@ def run_main(argv: Sequence[str]) -> int:
     world = distributed.join(args.device)
     try:
         if world.is_main:
-            made = masks.make_masks(
-                args.images, data, args.kind, args.seed, args.resolution, progress=True
-            )
+            made = masks.make_masks(args.images, data, args.kind, args.seed, args.resolution, progress=True)
             for line in [*made.skipped, *made.failed]:
                 print(f"{PROG}: {line}", file=sys.stderr)
         distributed.barrier(world)

@@ -306,16 +306,19 @@ def build_parser() -> Parser:
     return parser
 
 
-def _sources(args) -> dict[str, str | None]:
-    """What was scored with what: the folders, and the weights files with their sha256."""
-    sources = {
+def sources(
+    pred: Path, real: Path, masks: Path | None, inception_weights: Path, lpips_weights: Path | None
+) -> dict[str, str | None]:
+    """What was scored with what (a report's ``sources``): the folders, and the weights files with their
+    sha256."""
+    found = {
         name: None if path is None else str(path)
-        for name, path in (("pred", args.pred), ("real", args.real), ("masks", args.masks))
+        for name, path in (("pred", pred), ("real", real), ("masks", masks))
     }
-    for name, path in (("inception_weights", args.inception_weights), ("lpips_weights", args.lpips_weights)):
-        sources[name] = None if path is None else str(path)
-        sources[f"{name}_sha256"] = None if path is None else sha256_file(path)
-    return sources
+    for name, path in (("inception_weights", inception_weights), ("lpips_weights", lpips_weights)):
+        found[name] = None if path is None else str(path)
+        found[f"{name}_sha256"] = None if path is None else sha256_file(path)
+    return found
 
 
 def score_main(argv: Sequence[str]) -> int:
@@ -339,7 +342,12 @@ def score_main(argv: Sequence[str]) -> int:
         if world.is_main:
             for failure in scores.failures:
                 print(f"{PROG}: {failure}", file=sys.stderr)
-            summary = report.build_report(scores, problems, _sources(args), world.size)
+            summary = report.build_report(
+                scores,
+                problems,
+                sources(args.pred, args.real, args.masks, args.inception_weights, args.lpips_weights),
+                world.size,
+            )
             for path in report.write_report(args.out, summary):
                 print(path)
     except LdmInpaintError as error:
