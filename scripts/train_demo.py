@@ -112,7 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for the crops and the two runs")
     parser.add_argument("--autoencoder-steps", type=int, default=2000)
-    parser.add_argument("--unet-steps", type=int, default=12000)
+    parser.add_argument("--unet-steps", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     work = args.work

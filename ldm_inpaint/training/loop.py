@@ -34,7 +34,7 @@ from ldm_inpaint.training.settings import TrainSettings
 WARMUP_START = 1e-6  # the original LambdaLinearScheduler's f_start
 
 
-def warmup_factor(warmup: int):  # noqa: ANN201 - a LambdaLR function
+def warmup_factor(warmup: int) -> Callable[[int], float]:
     """The learning-rate factor after ``n`` scheduler steps: linear from ``WARMUP_START`` to 1 over ``warmup``
     steps, then 1 (the original ``LambdaLinearScheduler`` with ``f_max = f_min = 1``)."""
 
@@ -51,7 +51,7 @@ class Trainer:
     settings: TrainSettings
     world: distributed.World
     model: LatentDiffusion
-    trained: nn.Module  # what the optimizer updates (the UNet, or the VAE with --stage autoencoder)
+    trained: nn.Module  # what the optimizer updates: the UNet, its LoRA adapters (--lora), or the VAE
     wrapped: nn.Module  # ``trained`` as the loss calls it (DistributedDataParallel under torchrun)
     losses: Callable[[Batch], Tensor]  # per-sample losses of a batch, through ``wrapped``
     optimizer: torch.optim.Optimizer

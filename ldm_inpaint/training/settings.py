@@ -23,7 +23,7 @@ class SettingsError(LdmInpaintError):
     """Training settings that cannot run, or a ``--resume`` that would change the run."""
 
 
-def _option(default: object, help: str, **metadata: object) -> object:  # noqa: A002 - argparse's word
+def _option(default: object, help: str, **metadata: object) -> object:
     return field(default=default, metadata={"help": help, **metadata})
 
 

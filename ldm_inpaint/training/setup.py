@@ -10,6 +10,7 @@ what the UNet stage trains (the UNet, or the adapters), never the autoencoder.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -67,7 +68,8 @@ class Adapted(nn.Module):
         return self.unet(x, timesteps, context)
 
 
-def _tokenizer(model: LatentDiffusion):  # noqa: ANN202 - a captions -> ids function
+def _tokenizer(model: LatentDiffusion) -> Callable[[list[str]], Tensor]:
+    """Captions -> token ids (b, 77) for the model's text encoder."""
     params = model.config.text_encoder
     return lambda captions: tokenize_prompts(captions, params.pad_token, params.context_length, None).ids
 
