@@ -66,7 +66,13 @@ def checkpoint_path(value: str | Path) -> Path:
     exists, else the path itself."""
     path = Path(value)
     if str(value) in BUNDLED_CHECKPOINTS and not path.exists():
-        return Path(str(resources.files("ldm_inpaint").joinpath(*BUNDLED_CHECKPOINTS[str(value)])))
+        bundled = Path(str(resources.files("ldm_inpaint").joinpath(*BUNDLED_CHECKPOINTS[str(value)])))
+        if not bundled.is_file():
+            raise CheckpointError(
+                f"{value!r}: this installation has no bundled {value} model ({bundled} is missing); "
+                "train it with scripts/train_demo.py, or give a checkpoint file"
+            )
+        return bundled
     return path
 
 

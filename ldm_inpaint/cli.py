@@ -14,8 +14,7 @@ import torch
 from tqdm import tqdm
 
 from ldm_inpaint import __version__, image_io, options
-from ldm_inpaint.checkpoint_files import checkpoint_path
-from ldm_inpaint.command import EXIT_BAD_INPUT, EXIT_FAILED_ITEMS, Parser, run
+from ldm_inpaint.command import EXIT_BAD_INPUT, EXIT_FAILED_ITEMS, Parser, checkpoint_argument, run
 from ldm_inpaint.devices import PRECISIONS, resolve_device
 from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.files import check_output_folder, sha256_file
@@ -79,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--ckpt",
-        type=checkpoint_path,
+        type=checkpoint_argument,
         required=True,
         help="checkpoint file (.ckpt or .safetensors), or 'demo' for the small bundled model",
     )

@@ -7,7 +7,11 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NoReturn
+
+from ldm_inpaint.checkpoint_files import checkpoint_path
+from ldm_inpaint.errors import LdmInpaintError
 
 # Exit statuses: 1 some items failed, 2 bad input (nothing done), 130 interrupted (128 + SIGINT).
 EXIT_FAILED_ITEMS = 1
@@ -21,6 +25,15 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def checkpoint_argument(value: str) -> Path:
+    """The ``type`` of a checkpoint option (:func:`~ldm_inpaint.checkpoint_files.checkpoint_path`), whose error
+    argparse prints as it is."""
+    try:
+        return checkpoint_path(value)
+    except LdmInpaintError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def run(prog: str, main: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:

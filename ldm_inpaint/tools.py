@@ -45,12 +45,11 @@ from ldm_inpaint.checkpoint import (
 )
 from ldm_inpaint.checkpoint_files import (
     check_destination,
-    checkpoint_path,
     read_checkpoint,
     write_checkpoint,
     write_with_config,
 )
-from ldm_inpaint.command import Parser
+from ldm_inpaint.command import Parser, checkpoint_argument
 from ldm_inpaint.config import ModelConfig
 from ldm_inpaint.devices import PRECISIONS
 from ldm_inpaint.errors import CheckpointError, LdmInpaintError
@@ -184,7 +183,9 @@ def convert_main(argv: Sequence[str]) -> int:
         "result keeps the original key layout, is checked against the config and never overwrites a file.",
     )
     parser.add_argument(
-        "source", type=checkpoint_path, help="checkpoint to read (.ckpt/.pt/.pth or .safetensors, or 'demo')"
+        "source",
+        type=checkpoint_argument,
+        help="checkpoint to read (.ckpt/.pt/.pth or .safetensors, or 'demo')",
     )
     parser.add_argument(
         "destination", type=Path, help="new file; its suffix (.ckpt or .safetensors) picks the format"
@@ -382,7 +383,7 @@ def inspect_main(argv: Sequence[str]) -> int:
         description="Report what a checkpoint holds and how it fits a config (detected or given).",
     )
     parser.add_argument(
-        "path", type=checkpoint_path, help="checkpoint (.ckpt/.pt/.pth or .safetensors, or 'demo')"
+        "path", type=checkpoint_argument, help="checkpoint (.ckpt/.pt/.pth or .safetensors, or 'demo')"
     )
     parser.add_argument("--config", help="YAML config or bundled name (default: detected)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -247,3 +247,14 @@ def test_mixed_precision_runs_on_the_cpu(files, tmp_path, precision) -> None:
     weights = unet_weights(run / "last.ckpt")
     assert all(w.dtype == torch.float32 for w in weights.values())
     assert any(not torch.equal(w, unet_weights(files["ckpt"])[k]) for k, w in weights.items())
+
+
+def test_a_bundled_model_missing_from_the_installation_is_one_line(capsys, monkeypatch) -> None:
+    from ldm_inpaint.checkpoint_files import BUNDLED_CHECKPOINTS
+
+    monkeypatch.setitem(BUNDLED_CHECKPOINTS, "absent", ("demo", "absent.safetensors"))
+    with pytest.raises(SystemExit) as exited:
+        main(["inspect", "absent"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "no bundled absent model" in err and "scripts/train_demo.py" in err and len(err.splitlines()) == 1

@@ -35,8 +35,7 @@ from ldm_inpaint.ablation.grids import write_grids
 from ldm_inpaint.ablation.results import Results
 from ldm_inpaint.ablation.runner import PROG, Runner
 from ldm_inpaint.ablation.study import SWEEPABLE, build_study
-from ldm_inpaint.checkpoint_files import checkpoint_path
-from ldm_inpaint.command import Parser
+from ldm_inpaint.command import Parser, checkpoint_argument
 from ldm_inpaint.devices import PRECISIONS, resolve_device
 from ldm_inpaint.errors import LdmInpaintError
 
@@ -55,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="study folder (created; re-running resumes)")
     parser.add_argument(
         "--ckpt",
-        type=checkpoint_path,
+        type=checkpoint_argument,
         action="append",
         help="checkpoint (or 'demo'); give it several times for a checkpoint axis",
     )

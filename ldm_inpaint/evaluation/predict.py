@@ -36,8 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm_inpaint import distributed, image_io, options
-from ldm_inpaint.checkpoint_files import checkpoint_path
-from ldm_inpaint.command import EXIT_BAD_INPUT, EXIT_FAILED_ITEMS, Parser
+from ldm_inpaint.command import EXIT_BAD_INPUT, EXIT_FAILED_ITEMS, Parser, checkpoint_argument
 from ldm_inpaint.devices import PRECISIONS
 from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.files import check_output_folder
@@ -191,7 +190,7 @@ def build_parser() -> Parser:
         "a rerun finishes what is missing.",
     )
     parser.add_argument(
-        "--ckpt", type=checkpoint_path, required=True, help="checkpoint file (.ckpt or .safetensors)"
+        "--ckpt", type=checkpoint_argument, required=True, help="checkpoint file (.ckpt or .safetensors)"
     )
     parser.add_argument("--config", help="YAML config (default: beside the checkpoint, else detected)")
     parser.add_argument(

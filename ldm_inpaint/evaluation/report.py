@@ -201,7 +201,7 @@ def bar_charts(
 ) -> Image.Image:
     """Four bar charts (FID, LPIPS, SSIM, PSNR), one bar per row (a :func:`summarize` dict) labelled by
     ``labels``, bar ``highlight`` in orange: a report's bins, or a study's settings."""
-    width, height, margin = max(480, 40 + 64 * len(rows)), 300, 40
+    width, height, margin = max(480, 48 * len(rows)), 300, 40
     image = Image.new("RGB", (2 * width, 2 * height), "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
