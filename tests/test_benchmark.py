@@ -168,3 +168,14 @@ def test_bad_input_is_refused(argv: list[str], message: str, capsys: pytest.Capt
         benchmark.main(argv)
     assert error.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_eval_mode_measures_prediction_and_scoring_speed(workdir: Path, tmp_path: Path) -> None:
+    argv = ["--models", str(SMOKE_MODEL), "--sizes", "64", "--steps", "2", "--threads", "1", "--eval"]
+    assert benchmark.main([*argv, "--workdir", str(workdir), "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "benchmark-001.json").read_text())
+    prediction, scoring = report["evaluation"]["prediction"], report["evaluation"]["scoring"]
+    assert [(row["size"], row["batch_size"]) for row in prediction] == [(64, 1), (64, 4)]
+    assert all(row["pairs_per_s"] > 0 for row in prediction) and scoring[0]["images_per_s"] > 0
+    table = (tmp_path / "benchmark-001.md").read_text()
+    assert "batching speed-up" in table and "scoring images/s" in table and "--eval" in table

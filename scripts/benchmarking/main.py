@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .diffusers_files import file_sizes, prepare_worker
+from .evaluation import measure_evaluation
 from .jobs import MatmulJob, PrepareJob, RunJob, log, spawn
 from .load_memory import measure_load_memory
 from .report import markdown, summarize, write_report
@@ -83,7 +84,8 @@ def prepare(name: str, config_path: Path, settings: Settings) -> dict[str, Any]:
     """The model's files and their sizes, written by a worker process if missing (``--load-memory``: the
     ``.ckpt`` alone)."""
     job = replace(
-        cache_job(name, config_path, settings.workdir, settings.seed), with_diffusers=not settings.load_memory
+        cache_job(name, config_path, settings.workdir, settings.seed),
+        with_diffusers=not (settings.load_memory or settings.evaluation),
     )
     if job.done():
         return {**asdict(job), **file_sizes(job)}
@@ -125,6 +127,13 @@ def measure(settings: Settings) -> dict[str, Any]:
     """Every worker of the benchmark, in order; the raw results."""
     settings.workdir.mkdir(parents=True, exist_ok=True)
     files = {name: prepare(name, config_path, settings) for name, config_path in settings.models.items()}
+    if settings.evaluation:
+        return {
+            "files": files,
+            "load_memory": [],
+            "runs": [],
+            "evaluation": measure_evaluation(files, settings),
+        }
     load_memory = [
         load_memory_row(files[name], name, precision, settings)
         for name, precision in itertools.product(settings.models, settings.precisions)
@@ -211,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine_info(settings),
         "differences": DIFFERENCES,
         **raw,
-        "summary": [] if settings.load_memory else summarize(raw, settings),
+        "summary": [] if settings.load_memory or settings.evaluation else summarize(raw, settings),
     }
     json_path, md_path = write_report(report, settings.out)
     print(markdown(report))

@@ -66,6 +66,7 @@ class Settings:
     same_allocator: bool
     lean_memory: bool
     load_memory: bool
+    evaluation: bool
     matmul_size: int
     timeout: float
     workdir: Path
@@ -148,6 +149,7 @@ def check_settings(args: argparse.Namespace) -> Settings:
         same_allocator=args.same_allocator,
         lean_memory=args.lean_memory,
         load_memory=args.load_memory,
+        evaluation=args.eval,
         matmul_size=args.matmul_size,
         timeout=args.timeout,
         workdir=args.workdir,
@@ -192,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--lean-memory",
         action="store_true",
         help="run ours as ldm-inpaint --lean-memory (ldm_inpaint.runtime)",
+    )
+    parser.add_argument(
+        "--eval",
+        action="store_true",
+        help="measure only the evaluation protocol's speed: prediction pairs/s (1 vs 4 pairs per UNet call) "
+        "and scoring images/s",
     )
     parser.add_argument(
         "--load-memory",
