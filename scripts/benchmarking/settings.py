@@ -13,8 +13,8 @@ from ldm_inpaint.devices import PRECISIONS
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = {
-    "sd15": REPO / "configs" / "v1-inpainting-inference.yaml",
-    "sd2": REPO / "configs" / "v2-inpainting-inference.yaml",
+    "sd15": REPO / "ldm_inpaint" / "configs" / "v1-inpainting-inference.yaml",
+    "sd2": REPO / "ldm_inpaint" / "configs" / "v2-inpainting-inference.yaml",
 }
 IMPLEMENTATIONS = ("ours", "diffusers")
 # What each worker imports before its clock starts (import memory is measured apart from loading); diffusers
