@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -117,7 +118,7 @@ def test_mask_files_are_cropped_with_their_image(tmp_path) -> None:
 
     folder = tmp_path / "pairs"
     folder.mkdir()
-    mask = (draw_mask("lama-thick", 64, 130, __import__("numpy").random.default_rng(0)) * 255).astype("uint8")
+    mask = (draw_mask("lama-thick", 64, 130, np.random.default_rng(0)) * 255).astype("uint8")
     Image.fromarray(mask).convert("RGB").save(folder / "a.png")
     Image.fromarray(mask).save(folder / "a_mask.png")
     data = ImageFolder(folder, resolution=64, with_masks=True)
@@ -171,7 +172,7 @@ def test_captions_from_a_table_and_bad_images_skipped(tmp_path, capsys) -> None:
     (folder / "img0.png").write_bytes(b"not an image")
     data = ImageFolder(folder, resolution=64, with_masks=False)
     assert [e.caption for e in data.examples] == ["", "a red door", "a cat"]
-    _, _, caption = data.load(0, __import__("numpy").random.default_rng(0))
+    _, _, caption = data.load(0, np.random.default_rng(0))
     assert caption == "a red door" and "skipped a bad image" in capsys.readouterr().err
     (folder / "captions.csv").write_text("file_name,text\nimg1.png,x\n")
     with pytest.raises(DataError, match="keep one of them"):

@@ -12,6 +12,7 @@ those numbers: the ``step * batch_size + index``-th of a sequence of shuffled pa
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,10 +27,16 @@ from ldm_inpaint.training.data import ImageFolder
 SHUFFLE_STREAM = 0x5EED  # keys the shuffle of each pass apart from the per-sample draws
 
 
+@functools.lru_cache(maxsize=2)
+def _shuffle(seed: int, epoch: int, count: int) -> np.ndarray:
+    """The order of pass ``epoch`` over ``count`` images (drawn once per pass, not once per sample)."""
+    return np.random.default_rng([seed, SHUFFLE_STREAM, epoch]).permutation(count)
+
+
 def image_index(seed: int, position: int, count: int) -> int:
     """The image at ``position`` of the endless sequence of shuffled passes over ``count`` images."""
     epoch, offset = divmod(position, count)
-    return int(np.random.default_rng([seed, SHUFFLE_STREAM, epoch]).permutation(count)[offset])
+    return int(_shuffle(seed, epoch, count)[offset])
 
 
 @dataclass(frozen=True)
