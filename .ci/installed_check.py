@@ -1,7 +1,8 @@
 """CI: the installed wheel, run from a folder outside the checkout, finds its bundled configs.
 
-Bundled names resolve (and the names checkpoint detection returns), and the ``ldm-inpaint`` command inspects and
-inpaints a random tiny checkpoint given the bundled tiny config by name. Writes its files in the working folder.
+Bundled names resolve (and the names checkpoint detection returns), the ``ldm-inpaint`` command inspects and
+inpaints a random tiny checkpoint given the bundled tiny config by name, and the server's web page ships. Writes
+its files in the working folder.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ def main() -> None:
     if not any(name.endswith(".png") for name in written):
         raise SystemExit(f"expected a PNG in out/, found {written}")
     print("inspect and inpaint with", TINY, "->", written)
+    page = [package / "serving" / "static" / name for name in ("index.html", "app.js", "style.css")]
+    if not all(path.is_file() for path in page):
+        raise SystemExit(f"expected the server's web page in the wheel, found {[p.exists() for p in page]}")
+    print("the server's page ships:", ", ".join(path.name for path in page))
 
 
 if __name__ == "__main__":

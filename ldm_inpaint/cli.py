@@ -22,6 +22,7 @@ from ldm_inpaint.pairs import find_pairs
 from ldm_inpaint.runtime import keep_freed_memory
 
 if TYPE_CHECKING:
+    from ldm_inpaint.inpaint_run import InpaintResult
     from ldm_inpaint.pipeline import InpaintPipeline
     from ldm_inpaint.samplers import StepInfo
 
@@ -49,6 +50,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "evaluate as the LDM paper: LaMa masks, predictions, FID / LPIPS",
     ),
     "inspect": ("ldm_inpaint.tools", "inspect_main", "report what a checkpoint holds and whether it loads"),
+    "serve": (
+        "ldm_inpaint.serving.cli",
+        "serve_main",
+        "HTTP server: Cog, Azure ML, AUTOMATIC1111 APIs and a page to draw masks on",
+    ),
     "train": (
         "ldm_inpaint.training.cli",
         "train_main",
@@ -57,11 +63,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def _lora_argument(text: str) -> tuple[Path, float]:
-    from ldm_inpaint.lora.files import parse_lora_argument  # the model code, once a --lora is given
+def lora_argument(text: str) -> tuple[Path, float]:
+    from ldm_inpaint.lora.files import parselora_argument  # the model code, once a --lora is given
 
     try:
-        return parse_lora_argument(text)
+        return parselora_argument(text)
     except LdmInpaintError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -91,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--lora",
         action="append",
-        type=_lora_argument,
+        type=lora_argument,
         metavar="FILE[:WEIGHT]",
         help="LoRA file (kohya / AUTOMATIC1111 or diffusers .safetensors) merged into the weights, its update "
         "times WEIGHT (default 1); repeat it to stack several",
@@ -205,15 +211,7 @@ def _run_pair(
     if args.seed == options.RANDOM_SEED:
         print(f"ldm-inpaint: seed {result.options.seed}", file=sys.stderr)
     for index, picture in enumerate(result.to_pil()):
-        metadata = {
-            **ckpt_meta,
-            **result.options.to_metadata(),
-            "sample_index": str(index),
-            "steps_taken": str(result.steps_taken),
-            "precision": args.precision,
-            "image": "" if image_path is None else str(image_path),
-            "mask": "" if mask_path is None else str(mask_path),
-        }
+        metadata = sample_metadata(ckpt_meta, result, index, args.precision, image_path, mask_path)
         png = image_io.save_png(picture, args.outdir, stem, metadata)
         print(png)
         if args.save_latents:
@@ -224,6 +222,27 @@ def _run_pair(
                 raise LdmInpaintError(
                     f"{png.with_suffix('.npy')}: {error.strerror or error}; its image {png} was written"
                 ) from None
+
+
+def sample_metadata(
+    ckpt_meta: dict[str, str],
+    result: InpaintResult,
+    index: int,
+    precision: str,
+    image: Path | str | None,
+    mask: Path | str | None,
+) -> dict[str, str]:
+    """The PNG text chunks of sample ``index`` of ``result``: the model's (:func:`checkpoint_metadata`), every
+    option, and where the inputs came from (a path, or a server's description of uploaded data)."""
+    return {
+        **ckpt_meta,
+        **result.options.to_metadata(),
+        "sample_index": str(index),
+        "steps_taken": str(result.steps_taken),
+        "precision": precision,
+        "image": "" if image is None else str(image),
+        "mask": "" if mask is None else str(mask),
+    }
 
 
 def _output_bytes(args: argparse.Namespace, items: int) -> int:
@@ -260,12 +279,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run("ldm-inpaint", inpaint_main, argv)
 
 
-def inpaint_main(argv: Sequence[str]) -> int:
+def open_pipeline(args: argparse.Namespace) -> tuple[InpaintPipeline, dict[str, str]]:
+    """The pipeline a command line asks for (``ckpt``, ``config``, ``use_ema``, ``lora``, ``device``,
+    ``precision``, ``compile``, ``max_pixels``) and its :func:`checkpoint_metadata`; what was loaded is
+    reported on standard error."""
     # The model code, imported once the command line is known to be good.
     from ldm_inpaint.checkpoint import load_model
     from ldm_inpaint.models.packing import can_pack
     from ldm_inpaint.pipeline import InpaintPipeline
 
+    device = resolve_device(args.device)
+    dtype = PRECISIONS[args.precision]
+    loaded = load_model(
+        args.ckpt,
+        args.config,
+        use_ema=args.use_ema,
+        dtype=dtype,
+        device=device,
+        pack=can_pack(device, dtype) and not args.compile,
+    )
+    print(f"ldm-inpaint: config {loaded.config.name} ({loaded.config_source})", file=sys.stderr)
+    for kind, keys in loaded.skipped.items():
+        print(f"ldm-inpaint: skipped {len(keys)} {kind}", file=sys.stderr)
+    pipeline = InpaintPipeline(loaded.model, compile=args.compile, loras=args.lora or ())
+    pipeline.max_pixels = args.max_pixels
+    for lora in pipeline.loras:
+        print(
+            f"ldm-inpaint: LoRA {lora.describe()}: {lora.unet_modules} UNet and {lora.text_modules} "
+            "text-encoder modules",
+            file=sys.stderr,
+        )
+    return pipeline, checkpoint_metadata(args.ckpt, pipeline, device)
+
+
+def inpaint_main(argv: Sequence[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _validate(parser, args)
@@ -278,28 +325,7 @@ def inpaint_main(argv: Sequence[str]) -> int:
             pairs, problems = [(args.image, args.mask)], []
             _load_pair(args.image, args.mask, args.resize_mask, args.max_pixels)  # readable, before the model
         check_output_folder(args.outdir, _output_bytes(args, len(pairs)))
-        device = resolve_device(args.device)
-        dtype = PRECISIONS[args.precision]
-        loaded = load_model(
-            args.ckpt,
-            args.config,
-            use_ema=args.use_ema,
-            dtype=dtype,
-            device=device,
-            pack=can_pack(device, dtype) and not args.compile,
-        )
-        print(f"ldm-inpaint: config {loaded.config.name} ({loaded.config_source})", file=sys.stderr)
-        for kind, keys in loaded.skipped.items():
-            print(f"ldm-inpaint: skipped {len(keys)} {kind}", file=sys.stderr)
-        pipeline = InpaintPipeline(loaded.model, compile=args.compile, loras=args.lora or ())
-        pipeline.max_pixels = args.max_pixels
-        for lora in pipeline.loras:
-            print(
-                f"ldm-inpaint: LoRA {lora.describe()}: {lora.unet_modules} UNet and {lora.text_modules} "
-                "text-encoder modules",
-                file=sys.stderr,
-            )
-        ckpt_meta = checkpoint_metadata(args.ckpt, pipeline, device)
+        pipeline, ckpt_meta = open_pipeline(args)
     except LdmInpaintError as error:
         print(f"ldm-inpaint: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -15,6 +15,7 @@ Batch input (a folder of ``X.png`` + ``X_mask.png`` pairs, or a text file listin
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -51,10 +52,14 @@ class ImageError(LdmInpaintError):
     """An image, mask or batch list that cannot be used: missing, unreadable, or of mismatched size."""
 
 
+class TooManyPixels(ImageError):
+    """An image larger than the limit in force (refused before it is decoded or allocated)."""
+
+
 def check_pixels(width: int, height: int, max_pixels: int, what: str) -> None:
     """Raise :class:`ImageError` if ``width x height`` exceeds ``max_pixels``, before anything is allocated."""
     if width * height > max_pixels:
-        raise ImageError(
+        raise TooManyPixels(
             f"{what}: expected at most {max_pixels:,} pixels, found {width}x{height} = {width * height:,}; "
             "raise the limit (--max-pixels) if the machine has the memory"
         )
@@ -67,11 +72,26 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     For a multi-frame file (GIF, APNG, multi-page TIFF) this is the first frame.
     """
     path = Path(path)
-    image = _read(path, max_pixels)
+    return _upright(_read(path, max_pixels), str(path))
+
+
+def decode_image(data: bytes, what: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """:func:`load_image` for the bytes of an image file (a request's upload); ``what`` names it in errors."""
+    return _upright(_decode(io.BytesIO(data), what, max_pixels), what)
+
+
+def encode_png(image: Image.Image, metadata: Mapping[str, str]) -> bytes:
+    """The bytes of the PNG file that :func:`save_png` would write for ``image`` and ``metadata``."""
+    buffer = io.BytesIO()
+    _png_writer(image, metadata)(buffer)
+    return buffer.getvalue()
+
+
+def _upright(image: Image.Image, what: str) -> Image.Image:
     try:
         return ImageOps.exif_transpose(image)
     except _DECODE_ERRORS as exc:
-        raise ImageError(f"expected readable EXIF data, found damaged EXIF data in {path} ({exc})") from exc
+        raise ImageError(f"expected readable EXIF data, found damaged EXIF data in {what} ({exc})") from exc
 
 
 def _read(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -83,25 +103,30 @@ def _read(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         raise ImageError(f"expected an image file, found nothing at {path}")
     if path.suffix.lower() == ".npy":
         return _read_array(path)
+    return _decode(path, str(path), max_pixels)
+
+
+def _decode(source: Path | BinaryIO, what: str, max_pixels: int) -> Image.Image:
+    """The image in ``source`` decoded, refused from its header when over ``max_pixels``."""
     try:
-        with Image.open(path) as image:
-            check_pixels(image.width, image.height, max_pixels, str(path))
+        with Image.open(source) as image:
+            check_pixels(image.width, image.height, max_pixels, what)
             image.load()
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageError(
-            f"{path}: expected at most {max_pixels:,} pixels, found a file that declares far more (a "
+        raise TooManyPixels(
+            f"{what}: expected at most {max_pixels:,} pixels, found a file that declares far more (a "
             f"decompression bomb?): {exc}"
         ) from None
     except Image.UnidentifiedImageError as exc:
         raise ImageError(
             f"expected an image file ({', '.join(IMAGE_EXTENSIONS)}, ...), found a file that Pillow cannot "
-            f"identify as an image: {path}"
+            f"identify as an image: {what}"
         ) from exc
     except _DECODE_ERRORS as exc:
         raise ImageError(
-            f"expected a complete image file, found a damaged or truncated one: {path} ({exc})"
+            f"expected a complete image file, found a damaged or truncated one: {what} ({exc})"
         ) from exc
     return image
 
@@ -339,8 +364,15 @@ def save_npy(array: Tensor | np.ndarray, png_path: str | Path) -> Path:
 
 def read_png_metadata(path: str | Path) -> dict[str, str]:
     """The text chunks (tEXt, zTXt, iTXt) of a PNG file, as :func:`save_png` wrote them."""
-    path = Path(path)
-    image = _read(path)
+    return _png_text(_read(Path(path)), str(path))
+
+
+def png_metadata(data: bytes, what: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, str]:
+    """:func:`read_png_metadata` for the bytes of a PNG file (a request's upload)."""
+    return _png_text(_decode(io.BytesIO(data), what, max_pixels), what)
+
+
+def _png_text(image: Image.Image, what: str) -> dict[str, str]:
     if image.format != "PNG":
-        raise ImageError(f"expected a PNG file, found a {image.format} file: {path}")
+        raise ImageError(f"expected a PNG file, found a {image.format} file: {what}")
     return dict(image.text)

@@ -5,7 +5,8 @@ photos that ship inside scikit-image, and report how well it inpaints photos it 
     python scripts/train_demo.py --work demo-work
 
 Phases (each skipped when its output exists, so an interrupted run continues):
-1. crops: random 64x64 crops of the training photos at four scales; three photos are held out;
+1. crops: 8000 random 64x64 crops of the training photos at random scales, mirrored, turned and recolored at
+   random; three photos are held out;
 2. ``ldm-inpaint train --stage autoencoder`` (L1 + KL) on them, from scratch;
 3. the scale factor 1 / std of the latents (as the LDM paper sets it) written into the config;
 4. ``ldm-inpaint train`` of the 9-channel UNet with that autoencoder and a random, frozen text encoder;
@@ -36,12 +37,14 @@ from demo_report import write_report  # noqa: E402 - a sibling script
 
 TRAIN_PHOTOS = (
     "astronaut", "camera", "brick", "grass", "gravel", "clock", "coins", "moon", "hubble_deep_field",
-    "immunohistochemistry", "retina", "cell", "motorcycle_left", "motorcycle_right",
+    "immunohistochemistry", "retina", "cell", "colorwheel", "motorcycle_left", "motorcycle_right",
 )  # fmt: skip
 HELD_OUT = ("chelsea", "coffee", "rocket")
 SIDE = 64
-SCALES = (64, 96, 128, 192)
-CROPS_PER_SCALE = 24
+TRAIN_CROPS = 8000
+HELD_OUT_SCALES = (64, 96, 128)
+HELD_OUT_PER_SCALE = 4
+SHORT_SIDE = (64, 384)  # a training crop's photo is resized to a short side log-uniform in this range
 DEMO_DIR = REPO / "ldm_inpaint" / "demo"
 
 
@@ -55,27 +58,49 @@ def photo(name: str) -> Image.Image:
     return Image.fromarray(array).convert("RGB")
 
 
-def random_crops(
-    image: Image.Image, scales: tuple[int, ...], count: int, rng: np.random.Generator
-) -> list[Image.Image]:
-    """``count`` random SIDE x SIDE crops at each scale (the photo's short side resized to it)."""
-    crops = []
-    for short in scales:
-        factor = short / min(image.size)
-        resized = image.resize((round(image.width * factor), round(image.height * factor)), Image.BICUBIC)
-        for _ in range(count):
-            left = int(rng.integers(0, resized.width - SIDE + 1))
-            top = int(rng.integers(0, resized.height - SIDE + 1))
-            crops.append(resized.crop((left, top, left + SIDE, top + SIDE)))
-    return crops
+def crop_at(image: Image.Image, short: float, rng: np.random.Generator) -> Image.Image:
+    """A random SIDE x SIDE crop of ``image`` resized so that its short side is ``short``: only the crop's box
+    of the photo is resampled."""
+    box = SIDE * min(image.size) / short
+    left = rng.uniform(0, image.width - box)
+    top = rng.uniform(0, image.height - box)
+    return image.resize((SIDE, SIDE), Image.BICUBIC, box=(left, top, left + box, top + box))
 
 
-def make_crops(folder: Path, names: tuple[str, ...], scales: tuple[int, ...], count: int, seed: int) -> None:
+def augmented(crop: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """The crop mirrored, turned by a multiple of 90 degrees, its hue rotated and its saturation scaled at
+    random: fifteen photos, most of them grey, then cover the colors of photos the model never saw."""
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    crop = crop.rotate(90 * int(rng.integers(4)))
+    hue, saturation, value = (np.asarray(c, dtype=np.float64) for c in crop.convert("HSV").split())
+    hue = (hue + rng.uniform(0, 256)) % 256
+    saturation = np.clip(saturation * rng.uniform(0.5, 1.5), 0, 255)
+    bands = [Image.fromarray(np.round(c).astype(np.uint8)) for c in (hue, saturation, value)]
+    return Image.merge("HSV", bands).convert("RGB")
+
+
+def make_training_crops(folder: Path, count: int, seed: int) -> None:
+    """``count`` augmented crops of the training photos at random scales, named in a random order of photos
+    (so the first files, the trainer's validation samples, show several photos)."""
     folder.mkdir(parents=True)
-    for number, name in enumerate(names):
-        rng = np.random.default_rng([seed, number])
-        for i, crop in enumerate(random_crops(photo(name), scales, count, rng)):
-            crop.save(folder / f"{name}-{i:03d}.png")
+    images = [photo(name) for name in TRAIN_PHOTOS]
+    rng = np.random.default_rng([seed, 0xC0])
+    for i in range(count):
+        which = int(rng.integers(len(images)))
+        short = float(np.exp(rng.uniform(*np.log(SHORT_SIDE))))
+        crop = augmented(crop_at(images[which], short, rng), rng)
+        crop.save(folder / f"{i:05d}-{TRAIN_PHOTOS[which]}.png")
+
+
+def make_held_out_crops(folder: Path, seed: int) -> None:
+    """Plain crops (no augmentation) of the held-out photos at three scales."""
+    folder.mkdir(parents=True)
+    for number, name in enumerate(HELD_OUT):
+        image, rng = photo(name), np.random.default_rng([seed, number])
+        for short in HELD_OUT_SCALES:
+            for i in range(HELD_OUT_PER_SCALE):
+                crop_at(image, short, rng).save(folder / f"{name}-{short}-{i}.png")
 
 
 def write_demo_input(folder: Path, seed: int) -> None:
@@ -98,11 +123,11 @@ def run(*args: object) -> None:
 
 @torch.no_grad()
 def latent_std(checkpoint: Path, config: Path, crops: Path) -> float:
-    """The standard deviation of the posterior means of every training crop."""
+    """The standard deviation of the posterior means of the first 2048 training crops."""
     vae = load_model(checkpoint, config).model.first_stage_model
     images = [
         torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1).float() / 127.5 - 1
-        for p in sorted(crops.glob("*.png"))
+        for p in sorted(crops.glob("*.png"))[:2048]
     ]
     means = [vae.encode(torch.stack(images[i : i + 64])).mean for i in range(0, len(images), 64)]
     return torch.cat(means).std().item()
@@ -111,15 +136,15 @@ def latent_std(checkpoint: Path, config: Path, crops: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for the crops and the two runs")
-    parser.add_argument("--autoencoder-steps", type=int, default=2000)
-    parser.add_argument("--unet-steps", type=int, default=6000)
+    parser.add_argument("--autoencoder-steps", type=int, default=3000)
+    parser.add_argument("--unet-steps", type=int, default=8000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     work = args.work
     crops, held_out = work / "crops", work / "held-out"
     if not crops.exists():
-        make_crops(crops, TRAIN_PHOTOS, SCALES, CROPS_PER_SCALE, args.seed)
-        make_crops(held_out, HELD_OUT, (64, 96, 128), 4, args.seed + 1)
+        make_training_crops(crops, TRAIN_CROPS, args.seed)
+        make_held_out_crops(held_out, args.seed + 1)
     base = (REPO / "scripts" / "demo-base.yaml").read_text()
     ae_config = work / "autoencoder.yaml"
     if not ae_config.exists():
