@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from ldm_inpaint.config import load_config
 from ldm_inpaint.random_weights import random_checkpoint
-from ldm_inpaint.serving.app import ServerSettings, create_app
+from ldm_inpaint.serving.app import ServerSettings, create_app, in_background
 from ldm_inpaint.serving.cli import build_parser, load
 
 from .conftest import TINY_CONFIGS
@@ -87,16 +85,6 @@ def file_base64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-@contextmanager
-def live_server(app: FastAPI) -> Iterator[str]:
+def live_server(app: FastAPI):
     """``app`` on uvicorn at 127.0.0.1 on a free port, in a thread; yields its base URL, stops it after."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, what="the server's start")
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    return in_background(app)

@@ -179,3 +179,14 @@ def test_eval_mode_measures_prediction_and_scoring_speed(workdir: Path, tmp_path
     assert all(row["pairs_per_s"] > 0 for row in prediction) and scoring[0]["images_per_s"] > 0
     table = (tmp_path / "benchmark-001.md").read_text()
     assert "batching speed-up" in table and "scoring images/s" in table and "--eval" in table
+
+
+def test_serve_mode_measures_the_servers_overhead(workdir: Path, tmp_path: Path) -> None:
+    argv = ["--models", str(SMOKE_MODEL), "--sizes", "64", "--steps", "2", "--threads", "1", "--serve"]
+    assert benchmark.main([*argv, "--workdir", str(workdir), "--out", str(tmp_path)]) == 0
+    report = json.loads(next(tmp_path.glob("benchmark-*.json")).read_text())
+    (row,) = report["serving"]
+    assert len(row["direct"]) == len(row["server"]) == 3 and row["size"] == 64 and row["steps"] == 2
+    assert 0 < row["first_event_s"] <= row["first_step_event_s"]
+    table = next(tmp_path.glob("benchmark-*.md")).read_text()
+    assert "overhead" in table and "first progress event" in table and "--serve" in table

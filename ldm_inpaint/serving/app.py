@@ -13,11 +13,14 @@ server or reach a file outside ``--outdir``.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
-from contextlib import asynccontextmanager
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -96,6 +99,26 @@ def create_app(load: Callable[[], Model], settings: ServerSettings) -> FastAPI:
     if settings.api_key:
         app.add_middleware(BearerAuth, key=settings.api_key)
     return app
+
+
+@contextmanager
+def in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """``app`` on uvicorn in a thread of this process (port 0: a free one); yields its base URL and stops it
+    afterwards. For tests, benchmarks and notebooks; ``ldm-inpaint serve`` runs uvicorn in the foreground."""
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="ldm-inpaint-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 async def _reply(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] = ()) -> None:

@@ -18,6 +18,7 @@ import torch
 
 from .diffusers_files import file_sizes, prepare_worker
 from .evaluation import measure_evaluation
+from .serving import measure_serving
 from .jobs import MatmulJob, PrepareJob, RunJob, log, spawn
 from .load_memory import measure_load_memory
 from .report import markdown, summarize, write_report
@@ -85,7 +86,7 @@ def prepare(name: str, config_path: Path, settings: Settings) -> dict[str, Any]:
     ``.ckpt`` alone)."""
     job = replace(
         cache_job(name, config_path, settings.workdir, settings.seed),
-        with_diffusers=not (settings.load_memory or settings.evaluation),
+        with_diffusers=not (settings.load_memory or settings.evaluation or settings.serving),
     )
     if job.done():
         return {**asdict(job), **file_sizes(job)}
@@ -134,6 +135,8 @@ def measure(settings: Settings) -> dict[str, Any]:
             "runs": [],
             "evaluation": measure_evaluation(files, settings),
         }
+    if settings.serving:
+        return {"files": files, "load_memory": [], "runs": [], "serving": measure_serving(files, settings)}
     load_memory = [
         load_memory_row(files[name], name, precision, settings)
         for name, precision in itertools.product(settings.models, settings.precisions)
@@ -220,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine_info(settings),
         "differences": DIFFERENCES,
         **raw,
-        "summary": [] if settings.load_memory or settings.evaluation else summarize(raw, settings),
+        "summary": [] if settings.load_memory or settings.evaluation or settings.serving else summarize(raw, settings),
     }
     json_path, md_path = write_report(report, settings.out)
     print(markdown(report))

@@ -11,6 +11,7 @@ from typing import Any
 from ldm_inpaint.files import write_new_text
 
 from .evaluation import evaluation_table
+from .serving import serving_table
 from .settings import GB, GUIDANCE_SCALE, IMPLEMENTATIONS, Settings, cases
 
 
@@ -137,6 +138,8 @@ def markdown(report: dict[str, Any]) -> str:
     """The side-by-side table with its notes (unless ``--load-memory``), then the load-memory table."""
     if report["settings"]["evaluation"]:
         return evaluation_table(report) + "\n"
+    if report["settings"]["serving"]:
+        return serving_table(report) + "\n"
     sections = [] if report["settings"]["load_memory"] else [side_by_side(report)]
     return "\n\n".join([*sections, load_memory_table(report)]) + "\n"
 

@@ -67,6 +67,7 @@ class Settings:
     lean_memory: bool
     load_memory: bool
     evaluation: bool
+    serving: bool
     matmul_size: int
     timeout: float
     workdir: Path
@@ -150,6 +151,7 @@ def check_settings(args: argparse.Namespace) -> Settings:
         lean_memory=args.lean_memory,
         load_memory=args.load_memory,
         evaluation=args.eval,
+        serving=args.serve,
         matmul_size=args.matmul_size,
         timeout=args.timeout,
         workdir=args.workdir,
@@ -200,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure only the evaluation protocol's speed: prediction pairs/s (1 vs 4 pairs per UNet call) "
         "and scoring images/s",
+    )
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="measure only what ldm-inpaint serve adds to a request (against a direct pipeline call) and the "
+        "time to its first progress event",
     )
     parser.add_argument(
         "--load-memory",
