@@ -18,11 +18,11 @@ import torch
 
 from .diffusers_files import file_sizes, prepare_worker
 from .evaluation import measure_evaluation
-from .serving import measure_serving
 from .jobs import MatmulJob, PrepareJob, RunJob, log, spawn
 from .load_memory import measure_load_memory
 from .report import markdown, summarize, write_report
 from .runs import matmul_worker, run_worker
+from .serving import measure_serving
 from .settings import (
     DIFFERENCES,
     GB,
@@ -223,7 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine_info(settings),
         "differences": DIFFERENCES,
         **raw,
-        "summary": [] if settings.load_memory or settings.evaluation or settings.serving else summarize(raw, settings),
+        "summary": []
+        if settings.load_memory or settings.evaluation or settings.serving
+        else summarize(raw, settings),
     }
     json_path, md_path = write_report(report, settings.out)
     print(markdown(report))

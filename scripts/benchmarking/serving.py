@@ -61,12 +61,46 @@ def _first_events(http, image: str, mask: str, options: dict[str, Any]) -> tuple
     return started, stepped
 
 
+def _measure_size(pipe, http, name: str, size: int, settings: Settings) -> dict[str, Any]:
+    from ldm_inpaint.image_io import decode_image
+    from ldm_inpaint.options import InpaintOptions
+
+    options = InpaintOptions(prompt="a red bench", steps=settings.steps, seed=settings.seed)
+    image_png, mask_png = _inputs(size, settings.seed)
+    image, mask = (base64.b64encode(png).decode() for png in (image_png, mask_png))
+    cog = {"input": {"prompt": options.prompt, "image": image, "mask": mask}}
+    cog["input"] |= {"num_inference_steps": options.steps, "seed": options.seed}
+
+    def direct() -> float:
+        start = time.perf_counter()
+        pipe(decode_image(image_png, "image"), decode_image(mask_png, "mask"), options)
+        return time.perf_counter() - start
+
+    def served() -> float:
+        start = time.perf_counter()
+        answer = http.post("/predictions", json=cog).json()
+        if answer.get("status") != "succeeded":
+            raise RuntimeError(f"the server's answer: {answer}")
+        return time.perf_counter() - start
+
+    ways = {"direct": direct, "server": served}
+    times: dict[str, list[float]] = {"direct": [], "server": []}
+    direct(), served()
+    for rep in range(REPS):
+        for way in ("direct", "server") if rep % 2 == 0 else ("server", "direct"):
+            times[way].append(ways[way]())
+    started, stepped = _first_events(http, image, mask, {"prompt": options.prompt, "steps": options.steps})
+    row = {"model": name, "size": size, "steps": options.steps, **times}
+    row |= {"first_event_s": started, "first_step_event_s": stepped}
+    row["overhead"] = statistics.median(times["server"]) / statistics.median(times["direct"]) - 1
+    log(f"[serve] {name} {size}px: overhead {row['overhead']:+.2%}, first event {started:.3f} s")
+    return row
+
+
 def measure_serving(files: dict[str, dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:
     import httpx
 
     from ldm_inpaint.cli import checkpoint_metadata
-    from ldm_inpaint.image_io import decode_image
-    from ldm_inpaint.options import InpaintOptions
     from ldm_inpaint.pipeline import InpaintPipeline
     from ldm_inpaint.serving.app import ServerSettings, create_app, in_background
     from ldm_inpaint.serving.jobs import Model
@@ -74,42 +108,19 @@ def measure_serving(files: dict[str, dict[str, Any]], settings: Settings) -> lis
     torch.set_num_threads(settings.threads)
     rows = []
     for name, prepared in files.items():
-        pipe = InpaintPipeline.from_checkpoint(prepared["checkpoint"], prepared["config"], device=settings.device)
-        metadata = checkpoint_metadata(Path(prepared["checkpoint"]), pipe, torch.device(settings.device))
-        app = create_app(lambda pipe=pipe, metadata=metadata: Model(pipe, metadata, "fp32"), ServerSettings())
-        options = InpaintOptions(prompt="a red bench", steps=settings.steps, seed=settings.seed)
+        pipe = InpaintPipeline.from_checkpoint(
+            prepared["checkpoint"], prepared["config"], device=settings.device
+        )
+        model = Model(
+            pipe,
+            checkpoint_metadata(Path(prepared["checkpoint"]), pipe, torch.device(settings.device)),
+            "fp32",
+        )
+        app = create_app(lambda model=model: model, ServerSettings())
         with in_background(app) as url, httpx.Client(base_url=url, timeout=settings.timeout) as http:
             while http.get("/readyz").status_code != 200:
                 time.sleep(0.05)
-            for size in settings.sizes:
-                image_png, mask_png = _inputs(size, settings.seed)
-                image, mask = (base64.b64encode(png).decode() for png in (image_png, mask_png))
-                cog = {"input": {"prompt": options.prompt, "image": image, "mask": mask}}
-                cog["input"] |= {"num_inference_steps": options.steps, "seed": options.seed}
-
-                def direct() -> float:
-                    start = time.perf_counter()
-                    pipe(decode_image(image_png, "image"), decode_image(mask_png, "mask"), options)
-                    return time.perf_counter() - start
-
-                def served() -> float:
-                    start = time.perf_counter()
-                    answer = http.post("/predictions", json=cog).json()
-                    assert answer["status"] == "succeeded", answer
-                    return time.perf_counter() - start
-
-                times: dict[str, list[float]] = {"direct": [], "server": []}
-                direct(), served()
-                for rep in range(REPS):
-                    for way in ("direct", "server") if rep % 2 == 0 else ("server", "direct"):
-                        times[way].append(direct() if way == "direct" else served())
-                started, stepped = _first_events(http, image, mask, {"prompt": options.prompt, "steps": options.steps})
-                row = {"model": name, "size": size, "steps": options.steps, **times}
-                row |= {"first_event_s": started, "first_step_event_s": stepped}
-                row["overhead"] = statistics.median(times["server"]) / statistics.median(times["direct"]) - 1
-                log(f"[serve] {name} {size}px: overhead {row['overhead']:+.2%}, first event {started:.3f} s")
-                rows.append(row)
-        del pipe, app
+            rows += [_measure_size(pipe, http, name, size, settings) for size in settings.sizes]
     return rows
 
 
