@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from skimage.data import chelsea
 
-from .serving import image_and_mask, live_server, make_app, tiny_checkpoint
+from .serving import live_server, make_app, tiny_checkpoint
 
 CHROMIUM = Path("/usr/bin/chromium")
 REQUIRED = os.environ.get("LDM_INPAINT_BROWSER_TESTS") == "required"
@@ -36,7 +37,8 @@ from playwright.sync_api import sync_playwright  # noqa: E402 - after the check 
 def page(tmp_path_factory):
     folder = tmp_path_factory.mktemp("page")
     checkpoint = tiny_checkpoint(folder)
-    image, _ = image_and_mask(folder, size=(96, 64))
+    image = folder / "cat.png"
+    Image.fromarray(chelsea()).resize((96, 64), Image.BICUBIC).save(image)
     with live_server(make_app(checkpoint)) as url, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=BROWSER_ARGS)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
