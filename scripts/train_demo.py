@@ -10,7 +10,8 @@ Phases (each skipped when its output exists, so an interrupted run continues):
 2. ``ldm-inpaint train --stage autoencoder`` (L1 + KL) on them, from scratch;
 3. the scale factor 1 / std of the latents (as the LDM paper sets it) written into the config;
 4. ``ldm-inpaint train`` of the 9-channel UNet with that autoencoder and a random, frozen text encoder;
-5. export: the EMA weights, fp16, pruned, into ``ldm_inpaint/demo/demo.safetensors`` with ``demo.yaml``;
+5. export: the EMA weights, fp16, pruned, into ``ldm_inpaint/demo/demo.safetensors`` with ``demo.yaml``, and
+   ``input.png`` / ``mask.png`` for ``ldm-inpaint demo`` (a crop of a held-out photo, a LaMa-thick mask);
 6. report: mean absolute error inside LaMa-thick masks on crops of the held-out photos for the trained model,
    the same model untrained (its UNet at initialisation), the mean color of the known pixels and a blur fill
    (``examples/demo-report.md``, ``examples/demo-report.png``).
@@ -187,6 +188,8 @@ def main() -> None:
             config,
         )
         (DEMO_DIR / "demo.yaml").write_text(config.read_text())
+    if not (DEMO_DIR / "input.png").exists():
+        write_demo_input(DEMO_DIR, args.seed)
     write_report(shipped, ae_run / "last.ckpt", config, held_out, REPO / "examples", args.seed)
 
 
