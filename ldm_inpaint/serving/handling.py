@@ -19,7 +19,6 @@ from ldm_inpaint.preview import latent_to_rgb
 from ldm_inpaint.serving.inputs import ApiError, Limits
 from ldm_inpaint.serving.jobs import FINISHED, Job, JobIdTaken, NotReady, QueueFull, Run, Worker
 
-POLL_S = 0.01
 T = TypeVar("T")
 
 
@@ -67,13 +66,51 @@ def not_ready(worker: Worker) -> ApiError:
     return ApiError(503, "the model is still loading: retry shortly", {"Retry-After": "5"})
 
 
+class Watch:
+    """``with Watch(job) as watch: await watch.change()``: wait on the event loop until ``job`` changes (a step,
+    a status), woken by the worker thread, with no polling."""
+
+    def __init__(self, job: Job) -> None:
+        self.job, self.event = job, asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self.listener = lambda: loop.call_soon_threadsafe(self.event.set)
+
+    def __enter__(self) -> Watch:
+        self.job.listeners.add(self.listener)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.job.listeners.discard(self.listener)
+
+    async def change(self, timeout: float | None = None) -> None:
+        """Until the next change (or ``timeout`` seconds)."""
+        try:
+            await asyncio.wait_for(self.event.wait(), timeout)
+        except asyncio.TimeoutError:
+            return
+        self.event.clear()
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (its body already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def finished(request: Request, job: Job) -> Job:
     """``job`` once finished; if the client disconnects first, its job is cancelled."""
-    while job.status not in FINISHED:
-        if await request.is_disconnected():
-            worker_of(request).cancel(job.id, "the client disconnected")
-            break
-        await asyncio.sleep(POLL_S)
+    with Watch(job) as watch:
+        gone = asyncio.ensure_future(disconnected(request))
+        try:
+            while job.status not in FINISHED:
+                change = asyncio.ensure_future(watch.change())
+                await asyncio.wait({gone, change}, return_when=asyncio.FIRST_COMPLETED)
+                change.cancel()
+                if gone.done():
+                    worker_of(request).cancel(job.id, "the client disconnected")
+                    break
+        finally:
+            gone.cancel()
     return job
 
 

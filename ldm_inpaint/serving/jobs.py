@@ -107,6 +107,7 @@ class Job:
     request: dict = field(default_factory=dict)  # what the protocol echoes back of the request
     version: int = 0
     done: threading.Event = field(default_factory=threading.Event)
+    listeners: set[Callable[[], None]] = field(default_factory=set)
 
     @property
     def options(self) -> list[InpaintOptions]:
@@ -117,7 +118,11 @@ class Job:
         return None if self.started is None or self.finished is None else self.finished - self.started
 
     def changed(self) -> None:
+        """Bump the version and tell the listeners (request handlers waiting on the job: they are woken, not
+        polling, so that the server takes no CPU from the run while it waits)."""
         self.version += 1
+        for listener in list(self.listeners):
+            listener()
 
 
 class Worker:

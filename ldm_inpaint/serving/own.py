@@ -11,7 +11,6 @@ health checks.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import asdict, fields
@@ -23,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ldm_inpaint.options import InpaintOptions
 from ldm_inpaint.serving.handling import (
-    POLL_S,
+    Watch,
     data_uri,
     find,
     prepared,
@@ -114,25 +113,26 @@ async def job_events(job_id: str, request: Request) -> StreamingResponse:
     job, worker = find(request, job_id), worker_of(request)
 
     async def stream() -> AsyncIterator[str]:
+        # Starlette ends this generator when the client disconnects.
         last = None
-        while True:
-            state = (job.version, worker.position(job))
-            if state != last:
-                last = state
-                if job.status in FINISHED:
-                    yield _event("done", describe(job, worker))
-                    return
-                if job.status == QUEUED:
-                    yield _event("queued", {"position": state[1]})
-                else:
-                    preview = preview_png(job)
-                    yield _event(
-                        "progress",
-                        {"step": job.step, "total": job.total, "preview": preview and data_uri(preview)},
-                    )
-            if await request.is_disconnected():
-                return
-            await asyncio.sleep(POLL_S)
+        with Watch(job) as watch:
+            while True:
+                state = (job.version, worker.position(job))
+                if state != last:
+                    last = state
+                    if job.status in FINISHED:
+                        yield _event("done", describe(job, worker))
+                        return
+                    if job.status == QUEUED:
+                        yield _event("queued", {"position": state[1]})
+                    else:
+                        preview = preview_png(job)
+                        yield _event(
+                            "progress",
+                            {"step": job.step, "total": job.total, "preview": preview and data_uri(preview)},
+                        )
+                # a queued job's position moves without a change of its own: look again every second
+                await watch.change(timeout=1.0 if job.status == QUEUED else None)
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
