@@ -64,10 +64,10 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 def lora_argument(text: str) -> tuple[Path, float]:
-    from ldm_inpaint.lora.files import parselora_argument  # the model code, once a --lora is given
+    from ldm_inpaint.lora.files import parse_lora_argument  # the model code, once a --lora is given
 
     try:
-        return parselora_argument(text)
+        return parse_lora_argument(text)
     except LdmInpaintError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
