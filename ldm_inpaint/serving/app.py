@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ldm_inpaint import __version__
 from ldm_inpaint.serving import a1111, azure, cog, own
+from ldm_inpaint.serving.cli import DEFAULT_MAX_PIXELS
 from ldm_inpaint.serving.inputs import ApiError, Limits
 from ldm_inpaint.serving.jobs import Model, Worker
 
@@ -46,7 +47,7 @@ class ServerSettings:
     allow_urls: bool = False
     outdir: Path | None = None
     max_body_bytes: int = 64 << 20
-    max_pixels: int = 2048 * 2048
+    max_pixels: int = DEFAULT_MAX_PIXELS
     keep_jobs: int = 100
 
 

@@ -106,7 +106,6 @@ class Job:
     timed_out: bool = False
     request: dict = field(default_factory=dict)  # what the protocol echoes back of the request
     version: int = 0
-    done: threading.Event = field(default_factory=threading.Event)
     listeners: set[Callable[[], None]] = field(default_factory=set)
 
     @property
@@ -269,7 +268,6 @@ class Worker:
         job.status, job.error, job.finished, job.preview = status, error, time.time(), None
         job.runs = [Run(None, None, run.options) for run in job.runs]
         job.changed()
-        job.done.set()
         finished = [key for key, old in self._jobs.items() if old.status in FINISHED]
         for key in finished[: max(0, len(finished) - self.keep)]:
             del self._jobs[key]
