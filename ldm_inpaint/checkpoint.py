@@ -15,14 +15,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ldm_inpaint.checkpoint_files import checkpoint_path, read_checkpoint
-from ldm_inpaint.config import ModelConfig, load_config
+from ldm_inpaint.checkpoint_files import checkpoint_path, is_model_folder, read_checkpoint
+from ldm_inpaint.config import BUNDLED_CONFIGS, ModelConfig, load_config
 from ldm_inpaint.errors import CheckpointError
+from ldm_inpaint.formats.diffusers import read_folder
+from ldm_inpaint.formats.vae import swap_vae
 from ldm_inpaint.models.clip import openai_to_openclip, openclip_to_openai
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 from ldm_inpaint.models.packing import pack_convolutions
 from ldm_inpaint.runtime import release_file_pages
 from ldm_inpaint.schedule import alphas_cumprod
+from ldm_inpaint.weight_checks import check_weights, describe_keys
 
 SCHEDULE_KEYS = (
     "betas",
@@ -64,13 +67,6 @@ LIGHTNING_ENTRIES = (
     "NativeMixedPrecisionPlugin",
     "MixedPrecisionPlugin",
 )
-
-BUNDLED_CONFIGS = {
-    ("inpainting", 768): "v1-inpainting-inference",
-    ("inpainting", 1024): "v2-inpainting-inference",
-    ("text-to-image", 768): "v1-inference",
-    ("text-to-image", 1024): "v2-inference",
-}
 
 
 @dataclass
@@ -148,55 +144,6 @@ def detect_config(weights: Mapping[str, Tensor]) -> str:
             f"supported: 9 or 4 channels with 768 (SD1) or 1024 (SD2). Pass a config explicitly."
         )
     return name
-
-
-def preview_keys(keys: list[str], count: int = 5) -> str:
-    """The first ``count`` keys, comma-separated, with "..." when there are more."""
-    return ", ".join(keys[:count]) + (", ..." if len(keys) > count else "")
-
-
-def _describe(keys: list[str], what: str) -> str:
-    return f"{len(keys)} {what} ({preview_keys(keys)})"
-
-
-def _not_weights(weights: Mapping[str, Tensor]) -> list[str]:
-    """Tensors that cannot be weights: not floating point (int64, complex64, bool), not dense (sparse), or
-    without data (the meta device)."""
-    return [
-        f"{key} ({str(value.dtype).removeprefix('torch.')}, {str(value.layout).removeprefix('torch.')}, "
-        f"{value.device.type})"
-        for key, value in weights.items()
-        if value.layout != torch.strided or value.device.type == "meta" or not value.is_floating_point()
-    ]
-
-
-def check_weights(model: torch.nn.Module, weights: Mapping[str, Tensor], config: ModelConfig) -> None:
-    """Every parameter present with its shape, as dense floating-point data, and nothing else; otherwise one
-    error naming the first keys."""
-    bad = _not_weights(weights)
-    if bad:
-        raise CheckpointError(
-            f"expected dense floating-point weights on a real device, found {_describe(bad, 'other tensors')}: "
-            "the file is damaged or not a model checkpoint"
-        )
-    expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
-    missing = [key for key in expected if key not in weights]
-    unexpected = [key for key in weights if key not in expected]
-    mis_shaped = [
-        f"{key} {tuple(weights[key].shape)} vs {shape}"
-        for key, shape in expected.items()
-        if key in weights and tuple(weights[key].shape) != shape
-    ]
-    problems = [
-        _describe(found, what)
-        for found, what in ((missing, "missing"), (unexpected, "unexpected"), (mis_shaped, "mis-shaped"))
-        if found
-    ]
-    if problems:
-        raise CheckpointError(
-            f"checkpoint does not match config {config.name!r} ({len(expected)} weights expected, "
-            f"{len(weights)} found): " + "; ".join(problems)
-        )
 
 
 def apply_ema(sorted_: SortedEntries) -> dict[str, Tensor]:
@@ -300,21 +247,34 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     pack: bool = False,
+    vae: str | Path | None = None,
 ) -> LoadedModel:
-    """Read a checkpoint file and load it into the model of ``config`` (see :func:`build_model`; None: the
-    YAML beside the file, else detected). ``use_ema``: the file's EMA copy of the UNet; None: when it has one.
+    """Read a checkpoint file, or a diffusers / ppdiffusers model folder
+    (:mod:`~ldm_inpaint.formats.diffusers`), and load it into the model of ``config`` (see
+    :func:`build_model`; None: the YAML beside the file, else detected). ``use_ema``: the file's EMA copy of
+    the UNet; None: when it has one. ``vae``: another VAE in place of the model's own
+    (:mod:`~ldm_inpaint.formats.vae`), loaded as strictly.
 
     ``pack``: store the UNet's and the VAE's convolution weights pre-packed for oneDNN
     (:mod:`ldm_inpaint.models.packing`; CPU, float32 or bfloat16): faster CPU inference in the same memory,
     same ``state_dict()``. Each weight is packed on its first use, and the plain one then freed (or its file
     pages given back)."""
     path = checkpoint_path(path)
-    entries = read_checkpoint(path)
+    if is_model_folder(path):
+        folder = read_folder(path, config)
+        entries, config, source = folder.entries, folder.config, None
+    else:
+        folder, entries, source = None, read_checkpoint(path), path
     try:
-        loaded = build_model(entries, config, use_ema=use_ema, dtype=dtype, device=device, source=path)
+        loaded = build_model(entries, config, use_ema=use_ema, dtype=dtype, device=device, source=source)
+        if vae is not None:
+            swap_vae(loaded, Path(vae))
     except CheckpointError as error:
         raise CheckpointError(f"{path}: {error}") from None
     del entries  # the model now holds the only reference to each weight, so packing frees them one by one
+    if folder is not None:
+        loaded.config_source = folder.config_source
+        loaded.skipped.update(folder.skipped)
     if pack:
         model = loaded.model
         for part in (model.model.diffusion_model, model.first_stage_model):
@@ -343,7 +303,7 @@ def build_model(
     copied (:func:`copied_text_entries`)."""
     sorted_ = sort_entries(entries)
     if sorted_.unknown:
-        raise CheckpointError(_describe(sorted_.unknown, "unexpected entries"))
+        raise CheckpointError(describe_keys(sorted_.unknown, "unexpected entries"))
     use_ema = bool(sorted_.ema) if use_ema is None else use_ema
     weights = apply_ema(sorted_) if use_ema else sorted_.weights
     if not use_ema and sorted_.ema:

@@ -76,6 +76,30 @@ def checkpoint_path(value: str | Path) -> Path:
     return path
 
 
+def is_model_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder that :func:`read_folder` reads (or a cache folder of one)."""
+    return path.is_dir() and ((path / "model_index.json").is_file() or (path / "snapshots").is_dir())
+
+
+def folder_root(path: Path) -> Path:
+    """The model folder ``path`` stands for: itself, or a cache folder's snapshot of ``refs/main`` (or its
+    only snapshot)."""
+    if (path / "model_index.json").is_file() or not (path / "snapshots").is_dir():
+        return path
+    ref = path / "refs" / "main"
+    if ref.is_file():
+        snapshot = path / "snapshots" / ref.read_text().strip()
+        if snapshot.is_dir():
+            return snapshot
+    snapshots = sorted(p for p in (path / "snapshots").iterdir() if p.is_dir())
+    if len(snapshots) != 1:
+        raise CheckpointError(
+            f"{path}: a Hugging Face cache folder with {len(snapshots)} snapshots and no usable refs/main; "
+            "give the snapshot folder itself (snapshots/REVISION)"
+        )
+    return snapshots[0]
+
+
 def read_checkpoint(path: str | Path) -> dict[str, object]:
     """All top-level entries of a checkpoint file (PyTorch zip or safetensors; a safetensors file whatever its
     name), the

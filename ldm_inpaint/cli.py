@@ -14,10 +14,11 @@ import torch
 from tqdm import tqdm
 
 from ldm_inpaint import __version__, image_io, options
+from ldm_inpaint.checkpoint_files import folder_root, is_model_folder
 from ldm_inpaint.command import EXIT_BAD_INPUT, EXIT_FAILED_ITEMS, Parser, checkpoint_argument, run
 from ldm_inpaint.devices import PRECISIONS, resolve_device
 from ldm_inpaint.errors import LdmInpaintError
-from ldm_inpaint.files import check_output_folder, sha256_file
+from ldm_inpaint.files import check_output_folder, sha256_path
 from ldm_inpaint.pairs import find_pairs
 from ldm_inpaint.runtime import keep_freed_memory
 
@@ -49,7 +50,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "eval_main",
         "evaluate as the LDM paper: LaMa masks, predictions, FID / LPIPS",
     ),
-    "inspect": ("ldm_inpaint.tools", "inspect_main", "report what a checkpoint holds and whether it loads"),
+    "inspect": (
+        "ldm_inpaint.inspection",
+        "inspect_main",
+        "report what a checkpoint holds and whether it loads",
+    ),
     "serve": (
         "ldm_inpaint.serving.cli",
         "serve_main",
@@ -86,7 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--ckpt",
         type=checkpoint_argument,
         required=True,
-        help="checkpoint file (.ckpt or .safetensors), or 'demo' for the small bundled model",
+        help="checkpoint file (.ckpt or .safetensors), a diffusers / ppdiffusers model folder (or its Hugging "
+        "Face cache folder models--ORG--NAME), or 'demo' for the small bundled model",
+    )
+    parser.add_argument(
+        "--vae",
+        type=Path,
+        help="another VAE in place of the model's own: a .ckpt / .safetensors VAE (e.g. "
+        "vae-ft-mse-840000-ema-pruned.ckpt), a whole checkpoint's first_stage_model, or a diffusers vae/ folder",
     )
     parser.add_argument(
         "--config",
@@ -166,12 +178,15 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             image_io.check_pixels(request.width, request.height, args.max_pixels, "--height x --width")
     except LdmInpaintError as error:
         parser.error(str(error))
-    if args.ckpt.is_dir():
+    if args.ckpt.is_dir() and not is_model_folder(args.ckpt):
         parser.error(
-            f"--ckpt {args.ckpt}: expected a checkpoint file (.ckpt or .safetensors), found a folder"
+            f"--ckpt {args.ckpt}: expected a checkpoint file (.ckpt or .safetensors) or a diffusers model "
+            "folder (with model_index.json), found a folder without model_index.json"
         )
-    if not args.ckpt.is_file():
+    if not args.ckpt.exists():
         parser.error(f"checkpoint not found: {args.ckpt}")
+    if args.vae is not None and not args.vae.exists():
+        parser.error(f"--vae: VAE file or folder not found: {args.vae}")
     for path, _ in args.lora or []:
         if not path.is_file():
             parser.error(f"--lora: LoRA file not found: {path}")
@@ -253,11 +268,13 @@ def _output_bytes(args: argparse.Namespace, items: int) -> int:
     return items * args.n_samples * per_sample
 
 
-def checkpoint_metadata(ckpt: Path, pipeline: InpaintPipeline, device: torch.device) -> dict[str, str]:
+def checkpoint_metadata(
+    ckpt: Path, pipeline: InpaintPipeline, device: torch.device, vae: Path | None = None
+) -> dict[str, str]:
     """What an output PNG records of the model that made it, and of what its exact bits depend on."""
     metadata = {
         "checkpoint": ckpt.name,
-        "checkpoint_sha256": sha256_file(ckpt)[:12],
+        "checkpoint_sha256": sha256_path(folder_root(ckpt))[:12],
         "config": pipeline.config.name,
         "software": f"ldm-inpaint {__version__}",
         # what bit-identical results also depend on (see the README: Reproducibility)
@@ -265,6 +282,8 @@ def checkpoint_metadata(ckpt: Path, pipeline: InpaintPipeline, device: torch.dev
         "device": str(device),
         "threads": str(torch.get_num_threads()),
     }
+    if vae is not None:
+        metadata["vae"], metadata["vae_sha256"] = vae.name, sha256_path(vae)[:12]
     if pipeline.loras:
         metadata["lora"] = "; ".join(lora.describe() for lora in pipeline.loras)
     return metadata
@@ -297,6 +316,7 @@ def open_pipeline(args: argparse.Namespace) -> tuple[InpaintPipeline, dict[str, 
         dtype=dtype,
         device=device,
         pack=can_pack(device, dtype) and not args.compile,
+        vae=args.vae,
     )
     print(f"ldm-inpaint: config {loaded.config.name} ({loaded.config_source})", file=sys.stderr)
     for kind, keys in loaded.skipped.items():
@@ -309,7 +329,7 @@ def open_pipeline(args: argparse.Namespace) -> tuple[InpaintPipeline, dict[str, 
             "text-encoder modules",
             file=sys.stderr,
         )
-    return pipeline, checkpoint_metadata(args.ckpt, pipeline, device)
+    return pipeline, checkpoint_metadata(args.ckpt, pipeline, device, args.vae)
 
 
 def inpaint_main(argv: Sequence[str]) -> int:

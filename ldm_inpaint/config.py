@@ -37,6 +37,15 @@ class ScheduleParams:
     timesteps: int = 1000
 
 
+# The bundled config of each model, by (kind, cross-attention context width) as a checkpoint shows them.
+BUNDLED_CONFIGS = {
+    ("inpainting", 768): "v1-inpainting-inference",
+    ("inpainting", 1024): "v2-inpainting-inference",
+    ("text-to-image", 768): "v1-inference",
+    ("text-to-image", 1024): "v2-inference",
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild one latent diffusion model and run it."""

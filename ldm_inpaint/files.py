@@ -32,6 +32,17 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
+def sha256_path(path: str | Path) -> str:
+    """Hex sha256 of a file; of a folder, the sha256 of its files' relative paths and sha256s, one
+    ``SHA256  PATH`` line each in sorted order (``sha256sum`` format)."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    lines = "".join(f"{sha256_file(p)}  {p.relative_to(path).as_posix()}\n" for p in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
 def partial_path(path: Path) -> Path:
     """The temporary name of ``path`` while this process writes it."""
     return path.with_name(f".{path.name}.{os.getpid()}.partial")

@@ -1,8 +1,9 @@
-"""Checkpoint tools: ``ldm-inpaint convert`` (format, dtype, EMA, pruning, inpaint-ifying) and ``ldm-inpaint
-inspect``.
+"""``ldm-inpaint convert`` (format, dtype, EMA, pruning, inpaint-ifying, model folders to one file); its
+sibling ``inspect`` is :mod:`ldm_inpaint.inspection`.
 
-Both read a file through :mod:`ldm_inpaint.checkpoint` (safe reading, Lightning unwrapping, sorting of the
-entries, EMA naming, config detection) and check it with the loader's own strict checks. ``convert`` writes
+It reads a file through :mod:`ldm_inpaint.checkpoint` (safe reading, Lightning unwrapping, sorting of the
+entries, EMA naming, config detection), or a diffusers / ppdiffusers folder through
+:mod:`ldm_inpaint.formats.diffusers`, and checks it with the loader's own strict checks. It writes
 the ORIGINAL key layout (SD1's text encoder stays in transformers' names), so its output still loads in the
 original repositories, and it writes tensors only:
 
@@ -20,11 +21,9 @@ original repositories, and it writes tensors only:
 
 from __future__ import annotations
 
-import json
 import sys
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,15 +35,13 @@ from ldm_inpaint.checkpoint import (
     apply_ema,
     build_model,
     check_fit,
-    check_schedule,
-    check_weights,
-    preview_keys,
     resolve_config,
     sort_entries,
     to_file_layout,
 )
 from ldm_inpaint.checkpoint_files import (
     check_destination,
+    is_model_folder,
     read_checkpoint,
     write_checkpoint,
     write_with_config,
@@ -54,16 +51,9 @@ from ldm_inpaint.config import ModelConfig
 from ldm_inpaint.devices import PRECISIONS
 from ldm_inpaint.errors import CheckpointError, LdmInpaintError
 from ldm_inpaint.files import remove_stale_partials, sha256_file
+from ldm_inpaint.formats.diffusers import read_folder
 from ldm_inpaint.inpaintify import INPAINTING_CHANNELS, inpaintify
-from ldm_inpaint.models.latent_diffusion import LatentDiffusion
-
-# Parameter-count groups of ``inspect``, by key prefix (our layout).
-COMPONENTS = {
-    "UNet": "model.diffusion_model.",
-    "VAE": "first_stage_model.",
-    "text encoder": "cond_stage_model.",
-}
-
+from ldm_inpaint.weight_checks import preview_keys
 
 # ---------------------------------------------------------------------------------------------------- convert
 
@@ -79,6 +69,7 @@ class Conversion:
     left_out: dict[str, list[str]]
     expanded: list[str] = field(default_factory=list)  # --to-inpainting: the keys expanded
     config_file: Path | None = None  # --to-inpainting: the config written beside ``path``
+    notes: dict[str, list[str]] = field(default_factory=dict)  # a folder's skipped or filled entries
 
 
 def select_entries(
@@ -149,14 +140,19 @@ def convert_checkpoint(
     source, destination = Path(source), Path(destination)
     check_destination(destination, with_config=to_inpainting)
     remove_stale_partials(destination.parent)
-    entries = read_checkpoint(source)
+    folder = read_folder(source, config) if is_model_folder(source) else None
+    if folder is not None:
+        entries, config = folder.entries, folder.config
+    else:
+        entries = read_checkpoint(source)
     inpainting = None
     try:
         if to_inpainting:
             inpainting = inpaintify(entries, config, source, destination.stem)
             entries, config = inpainting.entries, inpainting.config
         sorted_ = sort_entries(entries)
-        resolved, how = resolve_config(sorted_.weights, config, source)
+        resolved, found = resolve_config(sorted_.weights, config, source)
+        how = folder.config_source if folder is not None else found
         weights = apply_ema(sorted_) if use_ema else sorted_.weights
         check_fit(weights, entries, resolved)
         file_weights = to_file_layout(weights, resolved)
@@ -165,9 +161,10 @@ def convert_checkpoint(
         build_model(tensors, resolved)
     except CheckpointError as error:
         raise CheckpointError(f"{source}: {error}") from None
+    notes = {} if folder is None else folder.skipped
     if inpainting is None:
         write_checkpoint(tensors, destination)
-        return Conversion(destination, sha256_file(destination), resolved, how, left_out)
+        return Conversion(destination, sha256_file(destination), resolved, how, left_out, notes=notes)
     written = write_with_config(tensors, destination, inpainting.config_yaml)
     sha256 = sha256_file(destination)
     return Conversion(
@@ -185,7 +182,8 @@ def convert_main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "source",
         type=checkpoint_argument,
-        help="checkpoint to read (.ckpt/.pt/.pth or .safetensors, or 'demo')",
+        help="checkpoint to read (.ckpt/.pt/.pth or .safetensors, a diffusers or ppdiffusers model folder, or "
+        "'demo')",
     )
     parser.add_argument(
         "destination", type=Path, help="new file; its suffix (.ckpt or .safetensors) picks the format"
@@ -218,7 +216,7 @@ def convert_main(argv: Sequence[str]) -> int:
             to_inpainting=args.to_inpainting,
         )
     except LdmInpaintError as error:
-        return _fail(error)
+        return fail(error)
     print(f"ldm-inpaint: config {result.config.name} ({result.config_source})", file=sys.stderr)
     if result.expanded:
         print(
@@ -228,174 +226,14 @@ def convert_main(argv: Sequence[str]) -> int:
         )
     if result.config_file is not None:
         print(f"ldm-inpaint: wrote its config {result.config_file}", file=sys.stderr)
+    for kind, keys in result.notes.items():
+        print(f"ldm-inpaint: {len(keys)} {kind}: {preview_keys(keys)}", file=sys.stderr)
     for reason, keys in result.left_out.items():
         print(f"ldm-inpaint: left out {len(keys)} {reason}: {preview_keys(keys)}", file=sys.stderr)
     print(f"{result.sha256}  {result.path}")
     return 0
 
 
-# ---------------------------------------------------------------------------------------------------- inspect
-
-
-@dataclass
-class Check:
-    """One check of ``inspect``: ``ok`` None when there was nothing to check."""
-
-    ok: bool | None
-    detail: str
-
-
-@dataclass
-class Report:
-    """Everything ``inspect`` finds in a file."""
-
-    path: str
-    size_bytes: int
-    sha256: str
-    config: str | None
-    config_source: str
-    config_problem: str | None
-    family: str | None
-    parameters: dict[str, int]
-    config_parameters: dict[str, int] | None
-    dtypes: dict[str, int]
-    extras: dict[str, list[str]]
-    unknown: list[str]
-    ema: Check
-    keys: Check
-    schedule_buffers: int
-    schedule: Check
-
-
-def _parameter_counts(tensors: Mapping[str, Tensor]) -> dict[str, int]:
-    counts = {
-        name: sum(value.numel() for key, value in tensors.items() if key.startswith(prefix))
-        for name, prefix in COMPONENTS.items()
-    }
-    return {**counts, "total": sum(counts.values())}
-
-
-def _family(config: ModelConfig) -> str:
-    generation = "SD1" if config.text_encoder.layout == "openai" else "SD2"
-    kind = "inpainting" if config.is_inpainting else "text-to-image"
-    return f"{generation} {kind}, {config.parameterization}-prediction"
-
-
-def _run_check(passed: str, check: Callable[..., object], *args: object) -> Check:
-    """``check(*args)`` as a :class:`Check`: its error message if it raises, else ``passed``."""
-    try:
-        check(*args)
-    except CheckpointError as error:
-        return Check(False, str(error))
-    return Check(True, passed)
-
-
-def _ema_check(sorted_: SortedEntries) -> Check:
-    if not sorted_.ema:
-        return Check(None, "none")
-    return _run_check(f"{len(sorted_.ema)} tensors, one for every model.* weight", apply_ema, sorted_)
-
-
-def inspect_checkpoint(path: str | Path, config: str | Path | None = None) -> Report:
-    """Read ``path`` and report its contents and how it fits ``config`` (detected when None). Mismatches are
-    reported, not raised; only an unreadable file or config file is an error."""
-    path = Path(path)
-    entries = read_checkpoint(path)
-    try:
-        sorted_ = sort_entries(entries)
-    except CheckpointError as error:
-        raise CheckpointError(f"{path}: {error}") from None
-    dtypes = Counter(
-        str(value.dtype).removeprefix("torch.") for value in entries.values() if isinstance(value, Tensor)
-    )
-    unchecked = Check(None, "not checked (no config)")
-    report = Report(
-        path=str(path),
-        size_bytes=path.stat().st_size,
-        sha256=sha256_file(path),
-        config=None,
-        config_source="detected" if config is None else "given",
-        config_problem=None,
-        family=None,
-        parameters=_parameter_counts(sorted_.weights),
-        config_parameters=None,
-        dtypes=dict(dtypes.most_common()),
-        extras=sorted_.skipped,
-        unknown=sorted_.unknown,
-        ema=_ema_check(sorted_),
-        keys=unchecked,
-        schedule_buffers=sum(key in entries for key in SCHEDULE_KEYS),
-        schedule=unchecked,
-    )
-    try:
-        resolved, report.config_source = resolve_config(sorted_.weights, config, path)
-    except CheckpointError as error:
-        report.config_problem = str(error)
-        return report
-    with torch.device("meta"):
-        model = LatentDiffusion(resolved)
-    expected = model.state_dict()
-    report.config = resolved.name
-    report.family = _family(resolved)
-    report.config_parameters = _parameter_counts(expected)
-    passed = f"all {len(expected)} weights present with their shapes as dense floating point, nothing else"
-    report.keys = _run_check(passed, check_weights, model, sorted_.weights, resolved)
-    if "alphas_cumprod" in entries:
-        report.schedule = _run_check("alphas_cumprod matches the config", check_schedule, entries, resolved)
-    else:
-        report.schedule = Check(None, "no alphas_cumprod stored, nothing to check")
-    return report
-
-
-def format_report(report: Report) -> str:
-    """The report as plain text, one fact per line."""
-    if report.config is None:
-        config = f"none ({report.config_problem})"
-    else:
-        config = f"{report.config} ({report.config_source}): {report.family}"
-    expected = report.config_parameters
-    lines = [
-        f"file        {report.path}",
-        f"size        {report.size_bytes:,} bytes",
-        f"sha256      {report.sha256}",
-        f"config      {config}",
-        "parameters  in the file" + ("  (config)" if expected else ""),
-        *(
-            f"  {name:<14}{count:>15,}" + (f"  ({expected[name]:,})" if expected else "")
-            for name, count in report.parameters.items()
-        ),
-        "dtypes      " + ", ".join(f"{count} {name}" for name, count in report.dtypes.items()),
-        "extras      " + ("none" if not report.extras else "skipped when loading:"),
-        *(f"  {len(keys)} {kind}: {preview_keys(keys, 3)}" for kind, keys in report.extras.items()),
-        f"unknown     {len(report.unknown)} entries"
-        + (f": {preview_keys(report.unknown)}" if report.unknown else ""),
-        f"EMA copy    {report.ema.detail}",
-        f"keys        {report.keys.detail}",
-        f"schedule    {report.schedule_buffers} of {len(SCHEDULE_KEYS)} buffers stored; {report.schedule.detail}",
-    ]
-    return "\n".join(lines)
-
-
-def inspect_main(argv: Sequence[str]) -> int:
-    """``ldm-inpaint inspect PATH``: a readable report (or ``--json``); exit 0 even when the file does not fit."""
-    parser = Parser(
-        prog="ldm-inpaint inspect",
-        description="Report what a checkpoint holds and how it fits a config (detected or given).",
-    )
-    parser.add_argument(
-        "path", type=checkpoint_argument, help="checkpoint (.ckpt/.pt/.pth or .safetensors, or 'demo')"
-    )
-    parser.add_argument("--config", help="YAML config or bundled name (default: detected)")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = parser.parse_args(argv)
-    try:
-        report = inspect_checkpoint(args.path, args.config)
-    except LdmInpaintError as error:
-        return _fail(error)
-    print(json.dumps(asdict(report), indent=2) if args.json else format_report(report))
-    return 0
-
-
-def _fail(error: LdmInpaintError) -> int:
+def fail(error: LdmInpaintError) -> int:
     print(f"ldm-inpaint: error: {error}", file=sys.stderr)
     return 2

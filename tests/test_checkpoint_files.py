@@ -19,8 +19,9 @@ from ldm_inpaint.checkpoint import load_model
 from ldm_inpaint.checkpoint_files import file_format, read_checkpoint
 from ldm_inpaint.config import load_config
 from ldm_inpaint.errors import CheckpointError
+from ldm_inpaint.inspection import inspect_checkpoint
 from ldm_inpaint.random_weights import random_checkpoint
-from ldm_inpaint.tools import convert_checkpoint, inspect_checkpoint
+from ldm_inpaint.tools import convert_checkpoint
 
 from .conftest import TINY_CONFIGS
 

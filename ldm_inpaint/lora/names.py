@@ -19,9 +19,8 @@ model code that trained it:
 Since ``_`` also occurs inside names, a file name is never split: every name a module can have is listed
 from the model itself and looked up whole, as AUTOMATIC1111 and ComfyUI do.
 
-The diffusers path of a UNet module is derived from the UNet's own structure (the order of its residual
-blocks, transformers and resamplers), as diffusers' conversion of original checkpoints does, so any
-``channel_mult`` / ``num_res_blocks`` / ``attention_resolutions`` maps without a table per model.
+The diffusers path of a UNet module comes from the one map of the two layouts,
+:mod:`ldm_inpaint.formats.diffusers_names`.
 """
 
 from __future__ import annotations
@@ -31,41 +30,18 @@ from typing import Literal
 
 from torch import nn
 
+from ldm_inpaint.formats.diffusers_names import to_diffusers_path, unet_block_paths
 from ldm_inpaint.models.clip import OPENAI_TO_OPENCLIP, TextTransformer
 from ldm_inpaint.models.packing import PackedConv2d
 from ldm_inpaint.models.unet import (
     BasicTransformerBlock,
-    Downsample,
-    ResBlock,
-    SpatialTransformer,
     UNetModel,
-    Upsample,
 )
 
 UNET_PREFIX = "lora_unet_"
 TEXT_PREFIX = "lora_te_"
 # Module types whose weight a LoRA changes: linear layers and convolutions (packed ones for CPU inference).
 ADAPTABLE = (nn.Linear, nn.Conv2d, PackedConv2d)
-# Inside the stages the two codes name some layers differently (diffusers' ``ResnetBlock2D``,
-# ``Downsample2D``), and outside them all.
-_INNER_LAYERS = {
-    "resnets": {
-        "in_layers.0": "norm1",
-        "in_layers.2": "conv1",
-        "emb_layers.1": "time_emb_proj",
-        "out_layers.0": "norm2",
-        "out_layers.3": "conv2",
-        "skip_connection": "conv_shortcut",
-    },
-    "downsamplers": {"op": "conv"},
-}
-_TOP_LEVEL = {
-    "time_embed.0": "time_embedding.linear_1",
-    "time_embed.2": "time_embedding.linear_2",
-    "input_blocks.0.0": "conv_in",
-    "out.0": "conv_norm_out",
-    "out.2": "conv_out",
-}
 
 
 @dataclass(frozen=True)
@@ -85,69 +61,9 @@ def file_name(prefix: str, path: str) -> str:
     return prefix + path.replace(".", "_")
 
 
-def _rename(path: str, table: dict[str, str]) -> str | None:
-    """``path`` with its leading components renamed by the first matching entry of ``table``; None if none
-    matches."""
-    for old, new in table.items():
-        if path == old or path.startswith(old + "."):
-            return new + path[len(old) :]
-    return None
-
-
-def _block_paths(unet: UNetModel) -> dict[str, str]:
-    """Our path of every child of the UNet's stages -> diffusers' path, e.g. ``input_blocks.1.1`` ->
-    ``down_blocks.0.attentions.0``, ``output_blocks.2.1`` -> ``up_blocks.0.upsamplers.0``.
-
-    Walks the stages in order: on the way down a ``Downsample`` closes a level (diffusers' ``down_blocks.N``),
-    on the way up an ``Upsample`` does; within a level the k-th residual block is ``resnets.k`` and the
-    transformer beside it ``attentions.k``."""
-    paths: dict[str, str] = {}
-    kinds = {ResBlock: "resnets", SpatialTransformer: "attentions", Downsample: "downsamplers"}
-    for ours, theirs, closer in (
-        ("input_blocks", "down_blocks", Downsample),
-        ("output_blocks", "up_blocks", Upsample),
-    ):
-        level, index = 0, 0
-        stages = getattr(unet, ours)
-        for number, stage in enumerate(stages):
-            if ours == "input_blocks" and number == 0:
-                continue  # conv_in, in _TOP_LEVEL
-            for child_number, child in enumerate(stage):
-                kind = kinds.get(type(child), "upsamplers")
-                position = 0 if kind.endswith("samplers") else index
-                paths[f"{ours}.{number}.{child_number}"] = f"{theirs}.{level}.{kind}.{position}"
-            if isinstance(stage[-1], closer):
-                level, index = level + 1, 0
-            else:
-                index += 1
-    counts = {"resnets": 0, "attentions": 0}
-    for number, child in enumerate(unet.middle_block):
-        kind = kinds[type(child)]
-        paths[f"middle_block.{number}"] = f"mid_block.{kind}.{counts[kind]}"
-        counts[kind] += 1
-    return paths
-
-
-def to_diffusers_path(path: str, blocks: dict[str, str]) -> str:
-    """Our path of a UNet module -> diffusers' (``blocks`` from :func:`_block_paths`). Inside transformers
-    the two codes agree (``transformer_blocks.0.attn1.to_q``, ``proj_in``, ``ff.net.2``)."""
-    top = _rename(path, _TOP_LEVEL)
-    if top is not None:
-        return top
-    parts = path.split(".")
-    for length in (3, 2):  # input_blocks.N.M / output_blocks.N.M; middle_block.N
-        stage = ".".join(parts[:length])
-        if stage in blocks:
-            inner = ".".join(parts[length:])
-            table = _INNER_LAYERS.get(blocks[stage].split(".")[-2], {})
-            inner = _rename(inner, table) or inner
-            return f"{blocks[stage]}.{inner}" if inner else blocks[stage]
-    raise AssertionError(f"UNet module {path} lies outside the stages the LoRA names know")
-
-
 def unet_paths(unet: UNetModel) -> dict[str, str]:
     """Our path of every module a LoRA can change -> its diffusers path."""
-    blocks = _block_paths(unet)
+    blocks = unet_block_paths(unet)
     return {
         path: to_diffusers_path(path, blocks)
         for path, module in unet.named_modules()

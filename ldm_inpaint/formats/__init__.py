@@ -1,0 +1,1 @@
+"""Reading the model formats users have on disk besides the original checkpoints."""
