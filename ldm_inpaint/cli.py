@@ -87,33 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoints, by blended latent diffusion); without --mask repaint the whole image (image-to-image), "
         "without --image and --batch generate one from the prompt (text-to-image).",
     )
-    parser.add_argument(
-        "--ckpt",
-        type=checkpoint_argument,
-        required=True,
-        help="checkpoint file (.ckpt or .safetensors), a diffusers / ppdiffusers model folder (or its Hugging "
-        "Face cache folder models--ORG--NAME), or 'demo' for the small bundled model",
-    )
-    parser.add_argument(
-        "--vae",
-        type=Path,
-        help="another VAE in place of the model's own: a .ckpt / .safetensors VAE (e.g. "
-        "vae-ft-mse-840000-ema-pruned.ckpt), a whole checkpoint's first_stage_model, or a diffusers vae/ folder",
-    )
-    parser.add_argument(
-        "--config",
-        help="YAML config (original schema); default: the checkpoint's name with .yaml beside it if there is "
-        "one, else detected from the checkpoint",
-    )
-    parser.add_argument("--use-ema", action="store_true", help="load the file's model_ema.* copy instead")
-    parser.add_argument(
-        "--lora",
-        action="append",
-        type=lora_argument,
-        metavar="FILE[:WEIGHT]",
-        help="LoRA file (kohya / AUTOMATIC1111 or diffusers .safetensors) merged into the weights, its update "
-        "times WEIGHT (default 1); repeat it to stack several",
-    )
+    add_model_arguments(parser)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--image", type=Path, help="image to inpaint (none and no --batch: text-to-image)")
     source.add_argument(
@@ -178,6 +152,43 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             image_io.check_pixels(request.width, request.height, args.max_pixels, "--height x --width")
     except LdmInpaintError as error:
         parser.error(str(error))
+    check_model_arguments(parser, args)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that say which model to load (``--ckpt``, ``--vae``, ``--config``, ``--use-ema``,
+    ``--lora``), as every command that runs one takes them (:func:`open_pipeline` reads them)."""
+    parser.add_argument(
+        "--ckpt",
+        type=checkpoint_argument,
+        required=True,
+        help="checkpoint file (.ckpt or .safetensors), a diffusers / ppdiffusers model folder (or its Hugging "
+        "Face cache folder models--ORG--NAME), or 'demo' for the small bundled model",
+    )
+    parser.add_argument(
+        "--vae",
+        type=Path,
+        help="another VAE in place of the model's own: a .ckpt / .safetensors VAE (e.g. "
+        "vae-ft-mse-840000-ema-pruned.ckpt), a whole checkpoint's first_stage_model, or a diffusers vae/ folder",
+    )
+    parser.add_argument(
+        "--config",
+        help="YAML config (original schema); default: the checkpoint's name with .yaml beside it if there is "
+        "one, else detected from the checkpoint",
+    )
+    parser.add_argument("--use-ema", action="store_true", help="load the file's model_ema.* copy instead")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        type=lora_argument,
+        metavar="FILE[:WEIGHT]",
+        help="LoRA file (kohya / AUTOMATIC1111 or diffusers .safetensors) merged into the weights, its update "
+        "times WEIGHT (default 1); repeat it to stack several",
+    )
+
+
+def check_model_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One parser error line for a model option that names nothing loadable."""
     if args.ckpt.is_dir() and not is_model_folder(args.ckpt):
         parser.error(
             f"--ckpt {args.ckpt}: expected a checkpoint file (.ckpt or .safetensors) or a diffusers model "

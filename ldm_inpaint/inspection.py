@@ -23,9 +23,11 @@ from ldm_inpaint.checkpoint import (
 from ldm_inpaint.checkpoint_files import file_format, is_model_folder, read_checkpoint
 from ldm_inpaint.command import Parser, checkpoint_argument
 from ldm_inpaint.config import ModelConfig
-from ldm_inpaint.errors import CheckpointError, LdmInpaintError
+from ldm_inpaint.errors import CheckpointError, LdmInpaintError, LoRAError
 from ldm_inpaint.files import sha256_file
 from ldm_inpaint.formats.diffusers import read_folder
+from ldm_inpaint.lora.files import read_lora
+from ldm_inpaint.lora.names import UNET_PREFIX
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 from ldm_inpaint.tools import fail
 from ldm_inpaint.weight_checks import check_weights, preview_keys
@@ -36,6 +38,8 @@ COMPONENTS = {
     "VAE": "first_stage_model.",
     "text encoder": "cond_stage_model.",
 }
+LORA_PREFIXES = ("lora_unet_", "lora_te_", "unet.", "text_encoder.")
+VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "loss.")
 FILE_FORMATS = {"torch": "PyTorch zip (torch.save)", "safetensors": "safetensors"}
 
 
@@ -53,6 +57,7 @@ class Report:
 
     path: str
     format: str
+    holds: str  # a model, or what else: a LoRA, a VAE
     files: list[str]  # the files read (a folder's weight files)
     size_bytes: int
     sha256: str | None  # of a single file
@@ -100,6 +105,28 @@ def _ema_check(sorted_: SortedEntries) -> Check:
     return _run_check(f"{len(sorted_.ema)} tensors, one for every model.* weight", apply_ema, sorted_)
 
 
+def other_content(entries: Mapping[str, object], path: Path) -> str | None:
+    """What a file that is not a model holds, in words (a LoRA, a VAE), with the option that uses it; None
+    for anything else (a model, or entries for the strict checks to name)."""
+    keys = list(entries)
+    if keys and all(key.startswith(LORA_PREFIXES) for key in keys):
+        try:
+            lora = read_lora(path)
+        except LoRAError as error:
+            return f"LoRA-like entries that do not read as a LoRA ({error})"
+        unet = sum(name.startswith(UNET_PREFIX) for name in lora.modules)
+        ranks = sorted({module.rank for module in lora.modules.values()})
+        style = "diffusers (PEFT)" if any(".lora_A." in key for key in keys) else "kohya / AUTOMATIC1111"
+        return (
+            f"a LoRA, {style} names: {len(lora.modules)} modules ({unet} UNet, {len(lora.modules) - unet} "
+            f"text encoder), rank {', '.join(map(str, ranks))}; use it with --lora"
+        )
+    tensors = [key for key, value in entries.items() if isinstance(value, Tensor)]
+    if tensors and all(key.startswith(VAE_PREFIXES) for key in tensors):
+        return f"a VAE ({len(tensors)} tensors); use it with --vae"
+    return None
+
+
 def inspect_checkpoint(path: str | Path, config: str | Path | None = None) -> Report:
     """Read ``path`` and report its contents and how it fits ``config`` (detected when None). Mismatches are
     reported, not raised; only an unreadable file or config file is an error."""
@@ -118,6 +145,7 @@ def inspect_checkpoint(path: str | Path, config: str | Path | None = None) -> Re
     report = Report(
         path=str(path),
         format=FILE_FORMATS.get(file_format(path), file_format(path)) if folder is None else folder.format,
+        holds=(None if folder else other_content(entries, path)) or "a Stable Diffusion model",
         files=[str(p) for p in files],
         size_bytes=sum(p.stat().st_size for p in files),
         sha256=sha256_file(path) if folder is None else None,
@@ -135,6 +163,9 @@ def inspect_checkpoint(path: str | Path, config: str | Path | None = None) -> Re
         schedule_buffers=sum(key in entries for key in SCHEDULE_KEYS),
         schedule=unchecked,
     )
+    if report.holds != "a Stable Diffusion model":
+        report.config_problem = "not a model"
+        return report
     try:
         resolved, report.config_source = resolve_config(
             sorted_.weights, folder and folder.config or config, path
@@ -169,6 +200,7 @@ def format_report(report: Report) -> str:
     lines = [
         f"path        {report.path}",
         f"format      {report.format}",
+        f"holds       {report.holds}",
         *(f"  {name}" for name in report.files if len(report.files) > 1),
         f"size        {report.size_bytes:,} bytes",
         f"sha256      {report.sha256 or 'n/a (several files)'}",

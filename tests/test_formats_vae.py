@@ -16,6 +16,7 @@ from ldm_inpaint.cli import main as ldm_inpaint
 from ldm_inpaint.config import load_config
 from ldm_inpaint.errors import CheckpointError
 from ldm_inpaint.image_io import read_png_metadata
+from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 from ldm_inpaint.options import InpaintOptions
 from ldm_inpaint.pipeline import InpaintPipeline
 from ldm_inpaint.random_weights import random_checkpoint
@@ -126,3 +127,25 @@ def test_the_cli_records_the_vae_and_refuses_a_missing_one(
         ldm_inpaint([*common, "--vae", str(tmp_path / "none.ckpt"), "--outdir", str(tmp_path / "o2")])
     assert exit_.value.code == 2
     assert "--vae: VAE file or folder not found" in capsys.readouterr().err
+
+
+def test_inspect_says_what_a_vae_or_a_lora_file_holds(files: dict[str, Path], tmp_path: Path) -> None:
+    from ldm_inpaint.inspection import format_report, inspect_checkpoint
+
+    from .loras import random_lora, text_shapes, unet_shapes
+
+    vae = inspect_checkpoint(files["vae file"])
+    assert vae.holds.startswith("a VAE (") and vae.holds.endswith("use it with --vae")
+    assert vae.config is None and vae.config_problem == "not a model"
+    with torch.device("meta"):
+        model = LatentDiffusion(load_config(CONFIG))
+    shapes = {**dict(list(unet_shapes(model).items())[:3]), **text_shapes(model, 1)}
+    lora_path = tmp_path / "style.safetensors"
+    save_file(random_lora(shapes, rank=4), lora_path)
+    lora = inspect_checkpoint(lora_path)
+    assert lora.holds == (
+        "a LoRA, kohya / AUTOMATIC1111 names: 9 modules (3 UNet, 6 text encoder), rank 4; use it with --lora"
+    )
+    assert "holds       a LoRA" in format_report(lora)
+    model_report = inspect_checkpoint(files["model"], CONFIG)
+    assert model_report.holds == "a Stable Diffusion model" and model_report.keys.ok

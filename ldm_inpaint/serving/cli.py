@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
-from ldm_inpaint.cli import lora_argument
-from ldm_inpaint.command import EXIT_BAD_INPUT, Parser, checkpoint_argument
+from ldm_inpaint.cli import add_model_arguments, check_model_arguments
+from ldm_inpaint.command import EXIT_BAD_INPUT, Parser
 from ldm_inpaint.devices import PRECISIONS
 from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.files import check_output_folder
@@ -25,9 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         "AUTOMATIC1111 API subset (/sdapi/v1/...), its own jobs API with server-sent events (/v1/jobs), and "
         "a page to draw masks on (/). One worker runs one job at a time from a bounded queue.",
     )
-    parser.add_argument("--ckpt", type=checkpoint_argument, required=True, help="checkpoint file, or 'demo'")
-    parser.add_argument("--config", help="YAML config (default: beside the checkpoint, else detected)")
-    parser.add_argument("--use-ema", action="store_true", help="load the file's model_ema.* copy instead")
+    add_model_arguments(parser)
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)"
     )
@@ -67,9 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_PIXELS,
         help=f"largest input or output image in pixels; more get 413 (default {DEFAULT_MAX_PIXELS:,})",
     )
-    parser.add_argument(
-        "--lora", action="append", type=lora_argument, metavar="FILE[:WEIGHT]", help="LoRA file"
-    )
     return parser
 
 
@@ -97,8 +92,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             "--job-timeout, --max-body-mb and --max-pixels: expected positive numbers, found "
             f"{args.job_timeout}, {args.max_body_mb}, {args.max_pixels}"
         )
-    if not args.ckpt.is_file():
-        parser.error(f"checkpoint not found: {args.ckpt}")
+    check_model_arguments(parser, args)
 
 
 def serve_main(argv: Sequence[str]) -> int:
