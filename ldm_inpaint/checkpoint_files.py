@@ -172,7 +172,7 @@ def _read_safetensors(path: Path) -> dict[str, object]:
     try:
         return dict(load_file(path))
     except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(error)})") from error
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(error)})") from error
 
 
 def _check_zip(path: Path) -> None:
@@ -181,7 +181,7 @@ def _check_zip(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             entries = archive.infolist()
     except (zipfile.BadZipFile, OSError) as error:
-        raise CheckpointError(f"{path}: a damaged zip ({_first_line(error)}); download it again") from None
+        raise CheckpointError(f"{path}: a damaged zip ({first_line(error)}); download it again") from None
     compressed = [entry.filename for entry in entries if entry.compress_type != zipfile.ZIP_STORED]
     if compressed:
         raise CheckpointError(
@@ -221,7 +221,7 @@ def _torch_load(path: Path) -> object:
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except _LOAD_ERRORS as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})") from error
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line(error)})") from error
     refused = [name for name in unsafe if not name.startswith(_INERT_GLOBAL_PREFIXES)]
     if refused:
         raise CheckpointError(
@@ -233,10 +233,10 @@ def _torch_load(path: Path) -> object:
         with torch.serialization.safe_globals(stand_ins):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except _LOAD_ERRORS as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})") from error
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line(error)})") from error
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ldm_inpaint.checkpoint_files import _first_line, file_format
+from ldm_inpaint.checkpoint_files import file_format, first_line
 from ldm_inpaint.errors import CheckpointError
 
 # A .pdparams file is read whole into memory; an SD 1.5 UNet in float32 is about 3.4 GB.
@@ -163,7 +163,7 @@ def _unpickle(path: Path, file: BinaryIO) -> object:
         raise
     except _LOAD_ERRORS as error:
         raise CheckpointError(
-            f"{path}: not a readable Paddle weights file ({_first_line(error)}); it is damaged or truncated: "
+            f"{path}: not a readable Paddle weights file ({first_line(error)}); it is damaged or truncated: "
             "download it again"
         ) from error
 
