@@ -100,13 +100,15 @@ class InpaintPipeline:
         pack: bool | None = None,
         compile: bool = False,
         loras: Sequence[LoRASource] = (),
+        vae: str | Path | None = None,
     ) -> InpaintPipeline:
-        """Load a checkpoint (:func:`~ldm_inpaint.checkpoint.load_model`). ``pack``: pre-pack the convolution
+        """Load a checkpoint or model folder, with ``vae`` in place of its own VAE if given
+        (:func:`~ldm_inpaint.checkpoint.load_model`). ``pack``: pre-pack the convolution
         weights for oneDNN (default: when the device is the CPU and the dtype float32 or bfloat16, unless
         compiling, see :mod:`ldm_inpaint.models.packing`); ``compile``, ``loras``: see
         :class:`InpaintPipeline`."""
         pack = can_pack(device, dtype) and not compile if pack is None else pack
-        loaded = load_model(path, config, use_ema=use_ema, dtype=dtype, device=device, pack=pack)
+        loaded = load_model(path, config, use_ema=use_ema, dtype=dtype, device=device, pack=pack, vae=vae)
         return cls(loaded.model, compile=compile, loras=loras)
 
     @property

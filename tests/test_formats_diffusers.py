@@ -289,3 +289,22 @@ def test_a_ppdiffusers_folder_reads_as_its_diffusers_folder(written, tmp_path: P
     assert read.format == "ppdiffusers folder (PaddlePaddle weights)"
     assert read.entries.keys() == expected.entries.keys()
     assert all(torch.equal(read.entries[key], value) for key, value in expected.entries.items())
+
+
+def test_ablate_takes_a_folder_on_its_checkpoint_axis(written, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from ldm_inpaint.ablation.cli import ablate_main
+
+    version, _, folder = written
+    image, mask, out = tmp_path / "photo.png", tmp_path / "photo_mask.png", tmp_path / "study"
+    Image.new("RGB", (64, 64), (30, 140, 60)).save(image)
+    Image.new("L", (64, 64), 255).save(mask)
+    checkpoints = ["--ckpt", str(folder), "--ckpt", str(folder.with_suffix(".ckpt"))]
+    common = ["--config", str(TINY_CONFIGS[version]), "--image", str(image), "--mask", str(mask)]
+    assert ablate_main([*checkpoints, *common, "--out", str(out), "--steps", "2", "--seed", "1"]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [row["status"] for row in rows] == ["ok", "ok"]
+    from_folder, from_file = (np.asarray(Image.open(out / row["cell_image"])) for row in rows)
+    assert np.array_equal(from_folder, from_file)

@@ -15,8 +15,9 @@ from ldm_inpaint import options
 from ldm_inpaint.ablation.lora_axis import LORA, LoRARef, lora_identity, lora_spec
 from ldm_inpaint.ablation.study import CHECKPOINT, CheckpointRef, Pair, Study
 from ldm_inpaint.checkpoint import config_beside
+from ldm_inpaint.checkpoint_files import folder_root
 from ldm_inpaint.config import load_config
-from ldm_inpaint.files import sha256_file, write_new_text
+from ldm_inpaint.files import sha256_path, write_new_text
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def checkpoint_identity(ref: CheckpointRef, use_ema: bool) -> dict[str, object]:
     reference = ref.config if ref.config is not None else config_beside(ref.path)
     if reference is not None:
         config = {key: value for key, value in asdict(load_config(reference)).items() if key != "name"}
-    return {"sha256": sha256_file(ref.path), "config": config, "use_ema": use_ema}
+    return {"sha256": sha256_path(folder_root(ref.path)), "config": config, "use_ema": use_ema}
 
 
 def cell_hash(identity: dict[str, object]) -> str:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ldm_inpaint import image_io, options
 from ldm_inpaint.ablation.lora_axis import LORA, lora_label, lora_refs
+from ldm_inpaint.checkpoint_files import is_model_folder
 from ldm_inpaint.config import load_config
 from ldm_inpaint.errors import LdmInpaintError
 from ldm_inpaint.files import sha256_file
@@ -264,8 +265,10 @@ def build_study(args: argparse.Namespace) -> Study:
         resize_mask = _boolean(spec.get("resize_mask", False), "resize_mask")
     study = Study(_read_pairs(args, spec, base, resize_mask), fixed, sweep, use_ema, resize_mask)
     for ref in study.checkpoints:
-        if not ref.path.is_file():
-            raise SpecError(f"checkpoint not found: {ref.path}")
+        if not (ref.path.is_file() or is_model_folder(ref.path)):
+            raise SpecError(
+                f"checkpoint not found: {ref.path} (a checkpoint file or a diffusers model folder)"
+            )
         if ref.config is not None:
             load_config(ref.config)
     return study
