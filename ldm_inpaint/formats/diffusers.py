@@ -35,30 +35,18 @@ from ldm_inpaint.formats.diffusers_names import VAE_LINEAR_AS_CONV, modern_vae_k
 from ldm_inpaint.models.clip import openai_to_openclip
 from ldm_inpaint.models.latent_diffusion import LatentDiffusion
 from ldm_inpaint.schedule import ddpm_buffers
+from ldm_inpaint.weight_checks import describe_keys
 
 # The weight files of each component, by preference: full precision, then the fp16 variant, then Paddle's.
+_MODEL_FILES = tuple(
+    f"diffusion_pytorch_model.{ending}" for ending in ("safetensors", "bin", "fp16.safetensors", "fp16.bin")
+)
+_TEXT_FILES = ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin")
+PADDLE_FILE = "model_state.pdparams"
 WEIGHT_FILES = {
-    "unet": (
-        "diffusion_pytorch_model.safetensors",
-        "diffusion_pytorch_model.bin",
-        "diffusion_pytorch_model.fp16.safetensors",
-        "diffusion_pytorch_model.fp16.bin",
-        "model_state.pdparams",
-    ),
-    "vae": (
-        "diffusion_pytorch_model.safetensors",
-        "diffusion_pytorch_model.bin",
-        "diffusion_pytorch_model.fp16.safetensors",
-        "diffusion_pytorch_model.fp16.bin",
-        "model_state.pdparams",
-    ),
-    "text_encoder": (
-        "model.safetensors",
-        "pytorch_model.bin",
-        "model.fp16.safetensors",
-        "pytorch_model.fp16.bin",
-        "model_state.pdparams",
-    ),
+    "unet": (*_MODEL_FILES, PADDLE_FILE),
+    "vae": (*_MODEL_FILES, PADDLE_FILE),
+    "text_encoder": (*_TEXT_FILES, PADDLE_FILE),
 }
 # Our prefix of each component in the original layout (SD1's text encoder: transformers' own names).
 ORIGINAL_PREFIXES = {
@@ -185,9 +173,7 @@ def _take(state: dict[str, Tensor], names: dict[str, str], prefix: str, folder: 
     unexpected = sorted(set(state) - set(names.values()))
     if missing or unexpected:
         problems = [
-            f"{len(k)} {what} ({', '.join(k[:5])})"
-            for k, what in ((missing, "missing"), (unexpected, "unexpected"))
-            if k
+            describe_keys(k, what) for k, what in ((missing, "missing"), (unexpected, "unexpected")) if k
         ]
         raise CheckpointError(f"{folder}: the weights do not fit the config: " + "; ".join(problems))
     return {prefix + ours: state[theirs] for ours, theirs in names.items()}
@@ -226,7 +212,8 @@ def _text_entries(
         and (key.startswith(last_block) or key in (prefix + "text_projection", prefix + "logit_scale"))
     ]
     if config.text_encoder.layer == "penultimate" and unused:
-        entries.update({key: torch.zeros(expected[key].shape) for key in unused})
+        dtype = next(iter(entries.values())).dtype
+        entries.update({key: torch.zeros(expected[key].shape, dtype=dtype) for key in unused})
         skipped[UNUSED_OPENCLIP] = unused
     return entries, skipped
 
