@@ -187,7 +187,7 @@ def test_captions_from_a_table_and_bad_images_skipped(tmp_path, capsys) -> None:
     ("changes", "message"),
     [
         ({"batch_size": 6, "grad_accum": 4}, "multiple of processes x --grad-accum"),
-        ({"resolution": 100}, "multiple of 64"),
+        ({"resolution": 0}, "--resolution must be positive"),
         ({"p_full_mask": 1.5}, r"in \[0, 1\]"),
         ({"ema_decay": 1.0}, "0 \\(off\\) or in \\(0, 1\\)"),
         ({"lr": 0.0}, "--lr must be positive"),

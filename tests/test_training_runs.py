@@ -138,6 +138,7 @@ def test_a_v_model_trains_on_the_v_target(files, tmp_path) -> None:
         ({"batch-size": 3}, "must be a multiple of processes x --grad-accum"),
         ({"masks": "files"}, "have no _mask file"),
         ({"data": "/nonexistent"}, "found no folder at /nonexistent"),
+        ({"resolution": 48}, "--resolution must be a multiple of 32 for this model"),
     ],
 )
 def test_bad_settings_are_one_line(files, tmp_path, capsys, extra, message) -> None:

@@ -102,13 +102,22 @@ class TrainSettings:
                 raise SettingsError(f"--{name.replace('_', '-')} must be >= 0, found {getattr(self, name)}")
         if self.lora is not None and self.lora <= 0:
             raise SettingsError(f"--lora must be a positive rank, found {self.lora}")
-        if self.resolution % 64:
-            raise SettingsError(f"--resolution must be a multiple of 64, found {self.resolution}")
+        if self.resolution <= 0:
+            raise SettingsError(f"--resolution must be positive, found {self.resolution}")
         per_step = world_size * self.grad_accum
         if self.batch_size % per_step:
             raise SettingsError(
                 f"--batch-size {self.batch_size} must be a multiple of processes x --grad-accum = "
                 f"{world_size} x {self.grad_accum}, so that every micro-batch has the same size"
+            )
+
+    def check_resolution(self, multiple: int) -> None:
+        """The training side must be a multiple of the model's ``multiple`` (the VAE's factor times
+        2 ** the UNet's downsamplings: 64 for SD), so that every skip connection meets its twin."""
+        if self.resolution % multiple:
+            raise SettingsError(
+                f"--resolution must be a multiple of {multiple} for this model (its VAE's factor times 2 ** its "
+                f"UNet's downsamplings), found {self.resolution}"
             )
 
     def micro_batch(self, world_size: int) -> int:

@@ -111,6 +111,7 @@ def build(settings: TrainSettings, world: distributed.World) -> Trainer:
             ((name, p) for name, p in trained.named_parameters() if p.requires_grad), settings.ema_decay
         )
     factor = model.first_stage_model.downscale_factor
+    settings.check_resolution(factor * 2 ** (len(model.config.unet.channel_mult) - 1))
     recipe = BatchRecipe(
         seed=settings.seed,
         batch_size=settings.batch_size,
