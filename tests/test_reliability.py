@@ -200,7 +200,9 @@ def status(argv: list[str]) -> int:
 
 def test_a_checkpoint_folder_is_called_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert status(["--ckpt", str(tmp_path), "--prompt", "x"]) == 2
-    assert "expected a checkpoint file (.ckpt or .safetensors), found a folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "expected a checkpoint file (.ckpt or .safetensors) or a diffusers model folder" in err
+    assert "found a folder without model_index.json" in err
 
 
 def test_a_yaml_alias_bomb_is_refused_without_expanding_it(tmp_path: Path, capsys) -> None:
