@@ -267,10 +267,10 @@ def load_model(
         folder, entries, source = None, read_checkpoint(path), path
     try:
         loaded = build_model(entries, config, use_ema=use_ema, dtype=dtype, device=device, source=source)
-        if vae is not None:
-            swap_vae(loaded, Path(vae))
     except CheckpointError as error:
         raise CheckpointError(f"{path}: {error}") from None
+    if vae is not None:
+        swap_vae(loaded, Path(vae))
     del entries  # the model now holds the only reference to each weight, so packing frees them one by one
     if folder is not None:
         loaded.config_source = folder.config_source
