@@ -45,8 +45,9 @@ SIDE = 64
 TRAIN_CROPS = 8000
 HELD_OUT_SCALES = (64, 96, 128)
 HELD_OUT_PER_SCALE = 4
-SHORT_SIDE = (64, 192)  # a training crop's photo is resized to a short side log-uniform in this range, near
-# the held-out scales (64-384 gave 0.168 instead of 0.161 held out: mostly zoomed-in textures)
+# A training crop's photo is resized to a short side log-uniform in this range, near the held-out scales
+# (64-384, mostly zoomed-in textures, gave 0.168 held out instead of 0.161).
+SHORT_SIDE = (64, 192)
 DEMO_DIR = REPO / "ldm_inpaint" / "demo"
 
 
